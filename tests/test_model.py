@@ -1,0 +1,209 @@
+"""vit/model.py: shapes, the tutorial's bugs, the flag, parameter counts against timm."""
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+import kernels
+import vit
+from tests.equivalence import DEVICE, assert_close_to_reference
+from vit.model import PRESETS, MultiHeadAttention, PatchEmbedding, ViT, ViTConfig
+
+SMALL = dict(image_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_runs_at_reduced_depth(name):
+    torch.manual_seed(0)
+    config = PRESETS[name]
+    model = vit.create_model(name, fused=False, depth=1).eval()
+    images = torch.rand(2, 3, config.image_size, config.image_size)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        logits = model.forward_head(features)
+    assert features.shape == (2, 1 + config.num_patches, config.embed_dim)
+    assert logits.shape == (2, 1000)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_parameter_counts_equal_timm(name):
+    timm = pytest.importorskip("timm")
+    config = PRESETS[name]
+    with torch.device("meta"):
+        ours = vit.create_model(name, fused=False)
+        if name == "vit_tutorial_patch16_224":  # not in timm: the same net with 8 heads
+            theirs = timm.create_model("vit_base_patch16_224", num_heads=8, pretrained=False, num_classes=1000)
+        else:
+            theirs = timm.create_model(name, pretrained=False, num_classes=1000)
+    assert vit.count_parameters(ours) == vit.count_parameters(theirs)
+    assert ours.config.num_heads == config.num_heads
+
+
+def test_vit_base_patch16_224_has_timm_parameter_count():
+    with torch.device("meta"):
+        assert vit.count_parameters(vit.create_model("vit_base_patch16_224")) == 86_567_656
+
+
+def test_tutorial_preset_has_eight_heads_of_96():
+    config = PRESETS["vit_tutorial_patch16_224"]
+    assert (config.embed_dim, config.num_heads, config.head_dim) == (768, 8, 96)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"embed_dim": 100, "num_heads": 3}, "embed_dim"),
+        ({"image_size": 100}, "image_size"),
+        ({"depth": 0}, "depth"),
+        ({"pool": "max"}, "pool"),
+        ({"class_token": False}, "pool='token' needs class_token"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"patch_embedding": "fft"}, "patch_embedding"),
+        ({"num_classes": -1}, "num_classes"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        ViTConfig(**overrides)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown model 'vit_gigantic'"):
+        vit.create_model("vit_gigantic")
+
+
+def test_linear_and_conv_patch_embeddings_are_equal():
+    torch.manual_seed(0)
+    conv = PatchEmbedding(32, 16, 3, 24, form="conv", fused=False)
+    linear = PatchEmbedding(32, 16, 3, 24, form="linear", fused=False)
+    torch.nn.init.normal_(conv.pos_embed)
+    torch.nn.init.normal_(conv.cls_token)
+    # The Linear's columns are the patch flattened in (s1 s2 c) order; the Conv2d's weight is (E, C, s1, s2).
+    with torch.no_grad():
+        linear.proj.weight.copy_(rearrange(conv.proj.weight, "e c s1 s2 -> e (s1 s2 c)"))
+        linear.proj.bias.copy_(conv.proj.bias)
+        linear.cls_token.copy_(conv.cls_token)
+        linear.pos_embed.copy_(conv.pos_embed)
+    images = torch.rand(2, 3, 32, 48)
+    torch.testing.assert_close(linear(images), conv(images), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear.conv_weight(), conv.proj.weight)
+    # A wrong column order, (c s1 s2), must not pass.
+    with torch.no_grad():
+        linear.proj.weight.copy_(rearrange(conv.proj.weight, "e c s1 s2 -> e (c s1 s2)"))
+    assert not torch.allclose(linear(images), conv(images), atol=1e-3)
+
+
+def test_tutorial_bug_d_position_embedding_out_of_place_and_broadcast():
+    torch.manual_seed(0)
+    embedding = PatchEmbedding(32, 16, 3, 24, fused=False)
+    torch.nn.init.normal_(embedding.pos_embed)
+    seen = {}
+    embedding.flatten.register_forward_hook(lambda module, inputs, output: seen.update(projected=output))
+    images = torch.rand(3, 3, 32, 32)
+    tokens = embedding(images)
+    # The projection's output is left as it was: `x += positions` would have bumped its version.
+    assert seen["projected"]._version == 0
+    without_positions = torch.cat([embedding.cls_token.expand(3, -1, -1), seen["projected"]], dim=1)
+    for b in range(3):  # the same position embedding added to every image of the batch
+        torch.testing.assert_close(tokens[b] - without_positions[b], embedding.pos_embed[0])
+
+
+def test_gradients_reach_class_token_and_position_embedding():
+    torch.manual_seed(0)
+    model = ViT(fused=False, **SMALL)
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    for name in ("patch_embed.cls_token", "patch_embed.pos_embed", "patch_embed.proj.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_other_image_size_resamples_position_embedding():
+    torch.manual_seed(0)
+    model = ViT(fused=False, **SMALL).eval()
+    with torch.no_grad():
+        features = model.forward_features(torch.rand(1, 3, 48, 64))
+    assert features.shape == (1, 1 + 3 * 4, 64)
+    resized = vit.resample_pos_embed(model.patch_embed.pos_embed, (3, 4), num_prefix_tokens=1)
+    assert torch.equal(resized[:, 0], model.patch_embed.pos_embed[:, 0])  # the class token's, untouched
+    grid = rearrange(model.patch_embed.pos_embed[:, 1:], "() (h w) e -> () e h w", h=2)
+    expected = F.interpolate(grid, size=(3, 4), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(resized[:, 1:], rearrange(expected, "() e h w -> () (h w) e"))
+    with pytest.raises(ValueError, match="multiples of the patch size 16, got 40x64"):
+        model(torch.rand(1, 3, 40, 64))
+
+
+def test_mean_pooling_without_class_token():
+    model = ViT(fused=False, class_token=False, pool="mean", **SMALL).eval()
+    assert model.patch_embed.cls_token is None
+    with torch.no_grad():
+        features = model.forward_features(torch.rand(2, 3, 32, 32))
+        torch.testing.assert_close(model.forward_head(features), model.head(features.mean(dim=1)))
+    assert features.shape == (2, 4, 64)
+
+
+def test_attention_mask_reaches_the_kernel():
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(32, 4, fused=False).eval()
+    x = torch.randn(2, 5, 32)
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    mask[..., 3:] = False  # keys 3 and 4 are padding
+    out = attention(x, mask)
+    # Padding keys take no part: changing them changes nothing.
+    x_changed = x.clone()
+    x_changed[:, 3:] = torch.randn(2, 2, 32)
+    torch.testing.assert_close(attention(x_changed, mask)[:, :3], out[:, :3])
+    assert not torch.allclose(attention(x_changed)[:, :3], attention(x)[:, :3])
+
+
+def test_fused_flag_is_a_module_attribute_defaulting_to_the_global_backend():
+    with kernels.use_backend("einsum"):
+        assert ViT(**SMALL).fused is False
+        assert ViT(fused=True, **SMALL).blocks[0].attn.fused is True
+    with kernels.use_backend("auto"):
+        model = ViT(**SMALL)
+        assert model.fused and model.patch_embed.fused and all(block.attn.fused for block in model.blocks)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_flag_selects_the_path(monkeypatch, fused):
+    calls = {"triton": 0, "einsum": 0}
+    attention_module = sys.modules["kernels.attention"]
+    triton_attention = attention_module.attention_triton
+    einsum_attention = kernels.dispatch.reference.attention_reference
+
+    def count(name, function):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(attention_module, "attention_triton", count("triton", triton_attention))
+    monkeypatch.setattr(kernels.dispatch.reference, "attention_reference", count("einsum", einsum_attention))
+    model = ViT(fused=fused, **SMALL).to(DEVICE).eval()
+    with kernels.use_backend("triton"), torch.no_grad():
+        model(torch.rand(1, 3, 32, 32, device=DEVICE))
+    assert calls == ({"triton": 2, "einsum": 0} if fused else {"triton": 0, "einsum": 2})
+
+
+@pytest.mark.parametrize("form", ["conv", "linear"])
+def test_fused_model_equals_reference_forward_and_backward(form):
+    torch.manual_seed(0)
+    reference = ViT(fused=False, patch_embedding=form, **SMALL).double().to(DEVICE)
+    low = ViT(fused=False, patch_embedding=form, **SMALL).to(DEVICE)
+    fused = ViT(fused=True, patch_embedding=form, **SMALL).to(DEVICE)
+    low.load_state_dict(reference.state_dict())
+    fused.load_state_dict(reference.state_dict())
+    images = torch.rand(2, 3, 32, 32, device=DEVICE)
+    with kernels.use_backend("triton"):
+        outputs = [model(images.to(next(model.parameters()).dtype)) for model in (fused, reference, low)]
+    upstream = torch.randn_like(outputs[1])
+    for output in outputs:
+        output.backward(upstream.to(output.dtype))
+    assert_close_to_reference(outputs[0], outputs[1], outputs[2], name="logits")
+    for (name, p_fused), p_ref, p_low in zip(fused.named_parameters(), reference.parameters(), low.parameters()):
+        assert_close_to_reference(p_fused.grad, p_ref.grad, p_low.grad, name=f"grad {name}")

@@ -1,0 +1,337 @@
+"""The Vision Transformer, built step by step as in the tutorial, with the tutorial's bugs fixed.
+
+    image (B, 3, 224, 224)
+      -> PatchEmbedding: 16x16 patches, each projected to E, a class token prepended,
+         position embeddings added                                  (B, 1 + 196, E)
+      -> depth x EncoderBlock: x + MultiHeadAttention(norm(x)), x + FeedForward(norm(x))
+      -> final norm, the class token (or the mean of the patch tokens), a Linear head
+    logits (B, num_classes)
+
+One flag, ``fused``, picks the path: on, attention and the patch projection go through
+``kernels`` (fused Triton kernels on CUDA tensors); off, the einsum reference and the
+tutorial's nn modules. It is a constructor argument and a typed module attribute, as timm's
+``fused_attn`` is; its default is ``kernels.fused_by_default()`` (set with VITRITON_BACKEND).
+Parameter names follow timm's where they mean the same thing (``qkv``, ``proj``, ``norm1``,
+``mlp.fc1``, ...), so timm checkpoints map onto this model almost one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Final
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from einops.layers.torch import Rearrange
+from torch import nn
+
+import kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """The shape of a ViT. Every field is checked; a bad one is a ValueError naming it."""
+
+    image_size: int = 224  # the side the position embeddings are made for
+    patch_size: int = 16
+    in_channels: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000  # 0: no head, forward returns the pooled features
+    qkv_bias: bool = True
+    dropout: float = 0.0  # after the MLP and the attention's output projection
+    attn_dropout: float = 0.0  # on the attention weights
+    class_token: bool = True
+    pool: str = "token"  # "token": the class token; "mean": the mean of the patch tokens
+    patch_embedding: str = "conv"  # "conv": Conv2d; "linear": einops Rearrange then nn.Linear
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        for name in ("image_size", "patch_size", "in_channels", "embed_dim", "depth", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ViTConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"ViTConfig.num_classes must be an int >= 0, got {self.num_classes!r}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"ViTConfig.embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"ViTConfig.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"ViTConfig.mlp_ratio must be positive, got {self.mlp_ratio!r}")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ViTConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.pool not in ("token", "mean"):
+            raise ValueError(f"ViTConfig.pool must be 'token' or 'mean', got {self.pool!r}")
+        if self.pool == "token" and not self.class_token:
+            raise ValueError("ViTConfig.pool='token' needs class_token=True; use pool='mean' without one")
+        if self.patch_embedding not in ("conv", "linear"):
+            raise ValueError(f"ViTConfig.patch_embedding must be 'conv' or 'linear', got {self.patch_embedding!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps 2-4: patches, their projection, the class token and the position embeddings.
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
+    """Resize learned position embeddings (1, prefix + h*w, E) to another patch grid, bicubic.
+
+    The class token's embedding has no place in the grid, so it is kept apart and unchanged.
+    """
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    side = math.isqrt(grid.shape[1])
+    if tuple(new_grid) == (side, side):
+        return pos_embed
+    grid = rearrange(grid, "() (h w) e -> () e h w", h=side)
+    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
+    return torch.cat([prefix, rearrange(grid, "() e h w -> () (h w) e")], dim=1)
+
+
+class PatchEmbedding(nn.Module):
+    """Image (B, C, H, W) -> tokens (B, [1 +] N, E), N = (H / P) * (W / P).
+
+    ``form="linear"`` is the tutorial's first version: cut P x P patches with einops
+    (``b c (h s1) (w s2) -> b (h w) (s1 s2 c)``) and project them with ``nn.Linear``.
+    ``form="conv"`` is its second: a Conv2d with kernel and stride P, then flatten. They compute
+    the same thing: the Linear's columns in (s1 s2 c) order are the Conv2d's (c, s1, s2) weight.
+    """
+
+    fused: Final[bool]
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 16,
+        in_channels: int = 3,
+        embed_dim: int = 768,
+        class_token: bool = True,
+        form: str = "conv",
+        fused: bool | None = None,
+    ):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"PatchEmbedding: image_size {image_size} must be a multiple of patch_size {patch_size}")
+        self.patch_size, self.in_channels, self.embed_dim, self.form = patch_size, in_channels, embed_dim, form
+        self.grid = (image_size // patch_size, image_size // patch_size)
+        self.fused = kernels.fused_by_default() if fused is None else fused
+        if form == "linear":
+            self.patches = Rearrange("b c (h s1) (w s2) -> b (h w) (s1 s2 c)", s1=patch_size, s2=patch_size)
+            self.proj = nn.Linear(patch_size * patch_size * in_channels, embed_dim)
+            self.flatten = nn.Identity()
+        elif form == "conv":
+            self.patches = nn.Identity()
+            self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+            self.flatten = Rearrange("b e h w -> b (h w) e")
+        else:
+            raise ValueError(f"PatchEmbedding: form must be 'conv' or 'linear', got {form!r}")
+        self.num_prefix_tokens = int(class_token)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.grid[0] * self.grid[1], embed_dim))
+
+    def conv_weight(self) -> torch.Tensor:
+        """The projection as a Conv2d weight (E, C, P, P): for the Linear form, a view, not a copy."""
+        if self.form == "conv":
+            return self.proj.weight
+        p = self.patch_size
+        return self.proj.weight.view(self.embed_dim, p, p, self.in_channels).permute(0, 3, 1, 2)
+
+    def pos_embed_for(self, height: int, width: int) -> torch.Tensor:
+        """The position embeddings for an image of this size, resampled when its grid differs."""
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"PatchEmbedding: image sides must be multiples of the patch size {p}, got {height}x{width}")
+        return resample_pos_embed(self.pos_embed, (height // p, width // p), self.num_prefix_tokens)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] != self.in_channels:
+            raise ValueError(
+                f"PatchEmbedding: expected images (B, {self.in_channels}, H, W), got {tuple(images.shape)}"
+            )
+        pos_embed = self.pos_embed_for(images.shape[-2], images.shape[-1])  # (1, [1 +] N, E)
+        if self.fused:
+            return kernels.patch_embed(images, self.conv_weight(), self.proj.bias, self.cls_token, pos_embed)
+        tokens = self.flatten(self.proj(self.patches(images)))  # (B, N, E)
+        if self.cls_token is not None:
+            cls_tokens = repeat(self.cls_token, "() n e -> b n e", b=images.shape[0])
+            tokens = torch.cat([cls_tokens, tokens], dim=1)  # (B, 1 + N, E)
+        return tokens + pos_embed  # out of place, broadcast over the batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 5: multi-head attention.
+
+
+class MultiHeadAttention(nn.Module):
+    """Tokens (B, N, E) -> (B, N, E): one fused qkv projection, attention per head, output projection.
+
+    ``mask`` (optional) broadcasts to (B, heads, N, N): bool with True = may attend, or float
+    added to the logits. The logits are scaled by head_dim**-0.5 before the softmax.
+    """
+
+    fused: Final[bool]
+
+    def __init__(
+        self,
+        emb_size: int = 768,
+        num_heads: int = 8,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        qkv_bias: bool = True,
+        fused: bool | None = None,
+    ):
+        super().__init__()
+        if emb_size % num_heads:
+            raise ValueError(f"MultiHeadAttention: emb_size {emb_size} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = (emb_size // num_heads) ** -0.5
+        self.attn_dropout = attn_dropout
+        self.fused = kernels.fused_by_default() if fused is None else fused
+        self.qkv = nn.Linear(emb_size, 3 * emb_size, bias=qkv_bias)
+        self.proj = nn.Linear(emb_size, emb_size)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        qkv = self.qkv(x)  # (B, N, 3 * E)
+        # Views into qkv, (B, H, N, D) each: the kernels read them in place, strides and all.
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        out = kernels.attention(
+            q, k, v, mask,
+            scale=self.scale,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            backend=None if self.fused else "einsum",
+        )  # (B, H, N, D)
+        out = rearrange(out, "b h n d -> b n (h d)")  # (B, N, E)
+        return self.proj_drop(self.proj(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 6: the rest: MLP, encoder block, the whole model.
+
+
+class FeedForward(nn.Sequential):
+    """Tokens (B, N, E) -> (B, N, E): Linear to E * ratio, GELU, Linear back, dropout."""
+
+    def __init__(self, emb_size: int = 768, expansion: float = 4.0, dropout: float = 0.0):
+        hidden = int(emb_size * expansion)
+        super().__init__()
+        self.fc1 = nn.Linear(emb_size, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, emb_size)
+        self.drop2 = nn.Dropout(dropout)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + feed-forward(norm(x))."""
+
+    def __init__(self, config: ViTConfig, fused: bool | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+        self.attn = MultiHeadAttention(
+            config.embed_dim, config.num_heads, config.dropout, config.attn_dropout, config.qkv_bias, fused=fused
+        )
+        self.norm2 = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+        self.mlp = FeedForward(config.embed_dim, config.mlp_ratio, config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """The whole model: images (B, C, H, W) -> logits (B, num_classes)."""
+
+    fused: Final[bool]
+
+    def __init__(self, config: ViTConfig | None = None, fused: bool | None = None, **overrides):
+        super().__init__()
+        config = dataclasses.replace(config or ViTConfig(), **overrides)
+        self.config = config
+        self.fused = kernels.fused_by_default() if fused is None else fused
+        self.patch_embed = PatchEmbedding(
+            config.image_size, config.patch_size, config.in_channels, config.embed_dim,
+            class_token=config.class_token, form=config.patch_embedding, fused=self.fused,
+        )
+        self.blocks = nn.ModuleList(EncoderBlock(config, fused=self.fused) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+        self.head = nn.Linear(config.embed_dim, config.num_classes) if config.num_classes else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """timm's initialisation: truncated normal (std 0.02) weights, zero biases."""
+        nn.init.trunc_normal_(self.patch_embed.pos_embed, std=0.02)
+        if self.patch_embed.cls_token is not None:
+            nn.init.normal_(self.patch_embed.cls_token, std=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward_features(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens after the final norm (B, [1 +] N, E)."""
+        x = self.patch_embed(images)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, [1 +] N, E) -> logits (B, num_classes): pool, then the Linear head."""
+        if self.config.pool == "token":
+            pooled = tokens[:, 0]  # the class token
+        else:
+            pooled = tokens[:, self.patch_embed.num_prefix_tokens:].mean(dim=1)
+        return self.head(pooled)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images, mask))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: timm's names and shapes, plus the tutorial's own.
+
+_TINY = dict(embed_dim=192, depth=12, num_heads=3)
+_SMALL = dict(embed_dim=384, depth=12, num_heads=6)
+_BASE = dict(embed_dim=768, depth=12, num_heads=12)
+_LARGE = dict(embed_dim=1024, depth=24, num_heads=16)
+_HUGE = dict(embed_dim=1280, depth=32, num_heads=16)
+
+PRESETS: dict[str, ViTConfig] = {
+    "vit_tiny_patch16_224": ViTConfig(patch_size=16, image_size=224, **_TINY),
+    "vit_tiny_patch16_384": ViTConfig(patch_size=16, image_size=384, **_TINY),
+    "vit_small_patch16_224": ViTConfig(patch_size=16, image_size=224, **_SMALL),
+    "vit_small_patch16_384": ViTConfig(patch_size=16, image_size=384, **_SMALL),
+    "vit_base_patch16_224": ViTConfig(patch_size=16, image_size=224, **_BASE),
+    "vit_base_patch16_384": ViTConfig(patch_size=16, image_size=384, **_BASE),
+    "vit_base_patch32_224": ViTConfig(patch_size=32, image_size=224, **_BASE),
+    "vit_large_patch16_224": ViTConfig(patch_size=16, image_size=224, **_LARGE),
+    "vit_large_patch16_384": ViTConfig(patch_size=16, image_size=384, **_LARGE),
+    "vit_large_patch32_224": ViTConfig(patch_size=32, image_size=224, **_LARGE),
+    "vit_huge_patch14_224": ViTConfig(patch_size=14, image_size=224, **_HUGE),
+    # The tutorial's model: 768 wide with 8 heads of 96.
+    "vit_tutorial_patch16_224": ViTConfig(patch_size=16, image_size=224, embed_dim=768, depth=12, num_heads=8),
+}
+
+
+def create_model(name: str, fused: bool | None = None, **overrides) -> ViT:
+    """``create_model("vit_base_patch16_224", num_classes=10)``: a preset, with fields overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"create_model: unknown model {name!r}; known: {', '.join(PRESETS)}")
+    return ViT(PRESETS[name], fused=fused, **overrides)

@@ -149,6 +149,8 @@ def _check_attention_inputs(op, q, k, v, mask, dropout_p):
             fits = False
         if not fits:
             raise ValueError(f"{op}: expected a mask broadcastable to (B, H, Nq, Nk) = {target}, got {tuple(mask.shape)}")
+    if k.shape[-2] == 0:
+        raise ValueError(f"{op}: expected at least one key, got k of shape {tuple(k.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: expected 0 <= dropout_p < 1, got {dropout_p}")
 
@@ -177,7 +179,9 @@ def attention(
     _check_attention_inputs("attention", q, k, v, mask, dropout_p)
     if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype and mask.dtype != torch.float32:
         raise TypeError(f"attention: expected a float mask of {q.dtype} or float32, got {mask.dtype}")
-    if pick_backend(backend, "attention", [q, k, v]) == "einsum":
+    # An empty batch (B, H or Nq of 0) has nothing to compute: the reference returns the empty
+    # result without launching a kernel.
+    if pick_backend(backend, "attention", [q, k, v]) == "einsum" or q.numel() == 0:
         return reference.attention_reference(q, k, v, mask, scale, dropout_p, is_causal=is_causal)
     from kernels.attention import attention_triton
 
@@ -292,7 +296,7 @@ def patch_embed(
                 f"{op}: expected pos_embed of shape (1, {n_tokens}, {dim}) for a {height}x{width} image "
                 f"with patch {patch}{' and a class token' if cls_token is not None else ''}, got {tuple(pos_embed.shape)}"
             )
-    if pick_backend(backend, op, [images]) == "einsum":
+    if pick_backend(backend, op, [images]) == "einsum" or images.shape[0] == 0:
         return reference.patch_embed_reference(images, weight, bias, cls_token, pos_embed)
     from kernels.patch_embed import patch_embed_triton
 

@@ -5,6 +5,7 @@
     out = kernels.scaled_dot_product_attention(q, k, v)   # torch.nn.functional's, same arguments
     tokens = kernels.patch_embed(images, conv.weight, conv.bias, cls_token, pos_embed)
     with kernels.use_backend("einsum"): ...               # or VITRITON_BACKEND=einsum
+    report = kernels.swap(timm_or_torchvision_or_hf_vit)  # our kernels in their model, in place
 
 Triton runs on CUDA tensors, the einsum reference on CPU tensors (see ``kernels.dispatch``).
 """
@@ -16,6 +17,7 @@ Triton runs on CUDA tensors, the einsum reference on CPU tensors (see ``kernels.
 try:
     from kernels import attention as _attention_kernels  # noqa: F401
     from kernels import patch_embed as _patch_embed_kernels  # noqa: F401
+    from kernels import swap as _swap_module  # noqa: F401
 except ImportError as error:  # pragma: no cover - only where triton is not installed
     if getattr(error, "name", "") != "triton":
         raise
@@ -30,14 +32,19 @@ from kernels.dispatch import (  # noqa: E402
     set_backend,
     use_backend,
 )
+from kernels.swap import SwapReport, register_transformers_attention, swap, unswap  # noqa: E402
 
 __all__ = [
     "BACKENDS",
+    "SwapReport",
     "attention",
     "fused_by_default",
     "get_backend",
     "patch_embed",
     "scaled_dot_product_attention",
+    "register_transformers_attention",
     "set_backend",
+    "swap",
+    "unswap",
     "use_backend",
 ]

@@ -185,6 +185,7 @@ def test_public_names_are_the_functions():
     # kernels/attention.py shares its name with kernels.attention: the function must win.
     assert callable(kernels.attention) and kernels.attention is dispatch.attention
     assert kernels.patch_embed is dispatch.patch_embed
+    assert kernels.swap is sys.modules["kernels.swap"].swap
     assert "kernels.attention" in sys.modules and "kernels.patch_embed" in sys.modules
 
 

@@ -61,7 +61,8 @@ def attention_reference(
             energy = energy.masked_fill(~mask, float("-inf"))
         else:
             energy = energy + mask
-    att = safe_softmax(energy)  # (B, H, Nq, Nk)
+    # A float32 bias on float16/bfloat16 logits promotes them to float32; the weights meet v in v's dtype.
+    att = safe_softmax(energy).to(v.dtype)  # (B, H, Nq, Nk)
     if dropout_p > 0.0:
         if dropout_mask is None:
             dropout_mask = torch.rand_like(att, dtype=torch.float32) >= dropout_p

@@ -1,0 +1,734 @@
+"""Fused multi-head attention in Triton: FlashAttention-2, forward and backward.
+
+    out = attention_triton(q, k, v, mask=None, scale=None, dropout_p=0.0, is_causal=False)
+    # q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) -> out (B, H, Nq, Dv)
+
+What it computes is ``kernels.reference.attention_reference``: ``softmax(q k^T * scale + mask) v``
+with dropout on the weights, a query row whose every key is masked giving zeros. How:
+
+Forward (one program per block of BLOCK_M query rows of one (batch, head)): walk the keys in
+blocks of BLOCK_N keeping a running row maximum ``m``, row sum ``l`` and an fp32 accumulator,
+rescaled when the maximum grows (the online softmax). Exponentials are base 2 (``exp2``, the
+scale folded into ``scale * log2(e)``), and the row log-sum-exp (base 2, ``m + log2(l)``) is saved
+for the backward as its two terms, so that a huge ``m`` (a bias of finfo.min) cannot round
+``log2(l)`` away. Backward: a pre-pass ``delta = rowsum(out * grad_out)``, then one kernel over
+key blocks for dK and dV and one over query blocks for dQ (and the bias gradient), both
+recomputing the probabilities from the saved log-sum-exp: no atomics, no (Nq, Nk) matrix kept.
+
+Inputs and layout
+- q, k, v may have any strides (for example views of a fused qkv projection (B, N, 3, H, D)
+  permuted to (B, H, N, D)): the kernels take the strides, nothing is made contiguous. The output
+  is allocated in (B, Nq, H, Dv) memory and returned as its (B, H, Nq, Dv) view, the layout the
+  output projection reads as (B, Nq, H * Dv) without a copy.
+- Any lengths Nq, Nk >= 1 (cross-attention too): the last blocks are masked in the loads (keys past
+  the end get a logit of -inf), nothing is padded in memory. The grid is one axis of
+  ``row blocks * B * H`` programs, so batch * heads is not bound by CUDA's 65,535 limit of axes 1-2.
+- Head dims D and Dv: any integer from 16 to 256 (so 80, 96, 160 too), padded in registers to the
+  next power of two (BLOCK_D) with masked loads. Others raise ValueError.
+- float16, bfloat16, float32, accumulated in fp32. float32 dots follow PyTorch's own switch: TF32
+  when ``torch.backends.cuda.matmul.allow_tf32`` is True, exact ("ieee") otherwise (the default).
+- ``mask``: bool (True = may attend) or a float bias (q's dtype or float32) added to the scaled
+  logits, of any shape broadcastable to (B, H, Nq, Nk). It is read through the strides of
+  ``mask.expand(B, H, Nq, Nk)`` (0 on broadcast dims), never materialised. When a float bias
+  requires grad the backward writes a full (B, H, Nq, Nk) fp32 gradient and sums it down to the
+  bias's shape: B*H*Nq*Nk*4 bytes of temporary memory (119 MB at B=64, H=12, N=197).
+- ``is_causal``: top-left aligned as in ``torch.nn.functional.scaled_dot_product_attention``
+  (query i sees keys j <= i); key blocks above the diagonal are skipped. With a mask, both apply.
+- Dropout: Philox (``tl.rand``) keyed by a seed drawn once per forward from torch's default
+  generator of q's device (so ``torch.manual_seed`` reproduces it) and by the (batch, head)
+  index, counted by ``row * Nk + col``; the backward draws exactly the same keep mask.
+  ``return_dropout_mask=True`` also returns that mask, for tests.
+- Offsets inside one (batch, head) slice are int32 (the slice base is int64): each of q, k, v,
+  the expanded mask and, with dropout, Nq * Nk must stay below 2**31 elements per slice.
+
+Block sizes: ``triton.autotune`` picks among the configs below per (Nq, Nk, D, Dv, mask kind,
+causal, dropout, dtype). Meant for the ViT shapes (N = 197, 257, 577; D = 64, 80, 96): 64x32 and
+32x32 waste less of the last block at N = 197 (197 = 3*64 + 5 = 6*32 + 5), 64x64 and 128x64 with
+3-4 stages suit Hopper at 257 and 577, 128x128 longer sequences; the small ones also keep D = 256
+within registers and shared memory. Which ones win is to be measured on a GPU (bench/); none of
+this was timed when it was written. In Triton's interpreter one config runs.
+
+``torch.compile``: the forward and backward are ``torch.library.triton_op`` custom ops
+(``vitriton::attention_forward``, ``vitriton::attention_backward``) with ``register_autograd``, so
+``torch.compile(fullgraph=True)`` traces them; the debug keep-mask is launched outside them.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_utils import INTERPRETING, autotune_configs
+
+LOG2E = math.log2(math.e)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+MASK_NONE, MASK_BOOL, MASK_BIAS = 0, 1, 2
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): see the module docstring for which shapes they target.
+FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+    for block_m, block_n, warps, stages in [
+        (32, 32, 4, 2),
+        (64, 32, 4, 3),
+        (64, 64, 4, 2),
+        (64, 64, 4, 3),
+        (64, 64, 4, 4),
+        (128, 64, 4, 3),
+        (128, 64, 8, 3),
+        (128, 128, 8, 3),
+    ]
+]
+# dK/dV: BLOCK_N keys stay in registers while BLOCK_M query rows stream past.
+BACKWARD_KV_CONFIGS = [
+    triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+    for block_m, block_n, warps, stages in [
+        (32, 32, 4, 1),
+        (32, 64, 4, 2),
+        (64, 64, 4, 2),
+        (32, 128, 8, 2),
+        (64, 128, 8, 2),
+    ]
+]
+# dQ: BLOCK_M query rows stay in registers while BLOCK_N keys stream past.
+BACKWARD_Q_CONFIGS = [
+    triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+    for block_m, block_n, warps, stages in [
+        (32, 32, 4, 1),
+        (64, 32, 4, 2),
+        (64, 64, 4, 2),
+        (128, 64, 8, 2),
+        (128, 32, 8, 2),
+    ]
+]
+# The interpreter's one config: unequal blocks, so the tests walk several blocks of each kind.
+_INTERPRETER_FORWARD_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+_INTERPRETER_BACKWARD_KV_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=1)
+_INTERPRETER_BACKWARD_Q_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+_AUTOTUNE_KEY = ["seqlen_q", "seqlen_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT"]
+_PREPASS_BLOCK_M = 32
+_KEEP_MASK_BLOCK_M, _KEEP_MASK_BLOCK_N = 32, 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels and their jit helpers.
+
+
+@triton.jit
+def _dot(a, b, acc, EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+    """acc + a @ b in fp32. In the interpreter bf16 dots return garbage, so they run in fp32 there."""
+    if UPCAST_DOTS:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if EXACT_FP32_DOTS:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision="tf32")  # for fp16 / bf16 operands the precision is moot
+    return acc
+
+
+@triton.jit
+def _logits_base2(
+    qk, rows, cols, mask_ptr, stride_mask_m, stride_mask_n, seqlen_q, seqlen_k, scale_log2e,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    """The logits of one tile in base-2 units, -inf where a key may not be attended.
+
+    ``rows`` (query indices) and ``cols`` (key indices) broadcast to the tile's shape, so the same
+    code serves the (queries, keys) tiles of the forward and dQ and the (keys, queries) tiles of dK/dV.
+    """
+    logits = qk * scale_log2e
+    allowed = (rows < seqlen_q) & (cols < seqlen_k)
+    if IS_CAUSAL:
+        allowed = allowed & (cols <= rows)
+    if MASK_KIND == 1:  # MASK_BOOL: True = may attend
+        may_attend = tl.load(mask_ptr + rows * stride_mask_m + cols * stride_mask_n, mask=allowed, other=0)
+        allowed = allowed & (may_attend != 0)
+    if MASK_KIND == 2:  # MASK_BIAS: added to the scaled logits
+        bias = tl.load(mask_ptr + rows * stride_mask_m + cols * stride_mask_n, mask=allowed, other=0.0).to(tl.float32)
+        # Times log2(e) a bias of finfo(float32).min (Hugging Face's "masked") would overflow to -inf
+        # and zero a row the reference averages uniformly: finite biases stay finite.
+        bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2.3e38))
+        logits = logits + bias * 1.4426950408889634  # log2(e): the bias is in natural units
+    return tl.where(allowed, logits, float("-inf"))
+
+
+@triton.jit
+def _dropout_keep(head_seed, rows, cols, seqlen_k, dropout_p):
+    """Philox keep decisions (True = keep) for the tile at ``rows`` x ``cols`` of one (batch, head)."""
+    return tl.rand(head_seed, rows * seqlen_k + cols) >= dropout_p
+
+
+@triton.jit
+def _head_seed(seed_ptr, batch_head):
+    # The (batch, head) index becomes Philox's upper key word: counters stay row * Nk + col, which
+    # fit int32 per head where a count over B * H * Nq * Nk would overflow.
+    return tl.load(seed_ptr) + (batch_head.to(tl.int64) << 32)
+
+
+@triton.autotune(
+    configs=autotune_configs(FORWARD_CONFIGS, _INTERPRETER_FORWARD_CONFIG),
+    key=_AUTOTUNE_KEY,
+)
+@triton.jit
+def _attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, stats_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_ob, stride_oh, stride_om, stride_od, stride_stats,
+    n_heads, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The output and softmax statistics of one block of BLOCK_M query rows of one (batch, head)."""
+    n_row_blocks = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    # Last row blocks first: under a causal mask they have the most keys, so they start earliest.
+    row_block = n_row_blocks - 1 - pid % n_row_blocks
+    batch_head = pid // n_row_blocks
+    batch = (batch_head // n_heads).to(tl.int64)
+    head = (batch_head % n_heads).to(tl.int64)
+    q_ptr += batch * stride_qb + head * stride_qh
+    k_ptr += batch * stride_kb + head * stride_kh
+    v_ptr += batch * stride_vb + head * stride_vh
+    mask_ptr += batch * stride_maskb + head * stride_maskh
+    out_ptr += batch * stride_ob + head * stride_oh
+    stats_ptr += batch_head.to(tl.int64) * seqlen_q
+
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
+    if HAS_DROPOUT:
+        head_seed = _head_seed(seed_ptr, batch_head)
+
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    key_end = seqlen_k
+    if IS_CAUSAL:
+        key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)  # keys past the last row: all masked
+    for start_n in range(0, key_end, BLOCK_N):
+        cols = start_n + offs_n
+        k_t = tl.load(
+            k_ptr + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0,
+        )  # (BLOCK_D, BLOCK_N)
+        qk = _dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+        logits = _logits_base2(
+            qk, rows[:, None], cols[None, :], mask_ptr, stride_maskm, stride_maskn,
+            seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
+        )  # (BLOCK_M, BLOCK_N)
+        new_max = tl.maximum(row_max, tl.max(logits, 1))
+        # A row with no allowed key so far has a maximum of -inf: subtract 0 instead (no NaN).
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp2(row_max - shift)
+        probs = tl.exp2(logits - shift[:, None])
+        row_sum = row_sum * rescale + tl.sum(probs, 1)
+        if HAS_DROPOUT:
+            probs = tl.where(_dropout_keep(head_seed, rows[:, None], cols[None, :], seqlen_k, dropout_p), probs, 0.0)
+        v = tl.load(
+            v_ptr + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
+        )  # (BLOCK_N, BLOCK_DV)
+        acc = _dot(probs.to(v.dtype), v, acc * rescale[:, None], EXACT_FP32_DOTS, UPCAST_DOTS)
+        row_max = new_max
+
+    # A row with every key masked has row_sum 0: divide by 1, output 0, and save a maximum of 0 and
+    # a sum of 1 so the backward's exp2(-inf - 0) gives it zero probabilities, hence zero gradients.
+    row_sum = tl.where(row_sum == 0.0, 1.0, row_sum)
+    if HAS_DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
+    acc = acc / row_sum[:, None]
+    tl.store(stats_ptr + rows, tl.where(row_max == float("-inf"), 0.0, row_max), mask=rows < seqlen_q)
+    tl.store(stats_ptr + stride_stats + rows, tl.log2(row_sum), mask=rows < seqlen_q)
+    tl.store(
+        out_ptr + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V),
+    )
+
+
+@triton.jit
+def _attention_backward_delta_kernel(
+    out_ptr, grad_out_ptr, delta_ptr,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    n_heads, seqlen_q,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(out * grad_out): the softmax backward's row term, dropout included."""
+    n_row_blocks = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    row_block = pid % n_row_blocks
+    batch_head = pid // n_row_blocks
+    batch = (batch_head // n_heads).to(tl.int64)
+    head = (batch_head % n_heads).to(tl.int64)
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    tile = (rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
+    out = tl.load(
+        out_ptr + batch * stride_ob + head * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
+        mask=tile, other=0.0,
+    ).to(tl.float32)  # (BLOCK_M, BLOCK_DV)
+    grad_out = tl.load(
+        grad_out_ptr + batch * stride_gb + head * stride_gh + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+        mask=tile, other=0.0,
+    ).to(tl.float32)  # (BLOCK_M, BLOCK_DV)
+    tl.store(delta_ptr + batch_head.to(tl.int64) * seqlen_q + rows, tl.sum(out * grad_out, 1), mask=rows < seqlen_q)
+
+
+@triton.autotune(
+    configs=autotune_configs(BACKWARD_KV_CONFIGS, _INTERPRETER_BACKWARD_KV_CONFIG),
+    key=_AUTOTUNE_KEY,
+)
+@triton.jit
+def _attention_backward_kv_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, grad_out_ptr, stats_ptr, delta_ptr, grad_k_ptr, grad_v_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_stats, n_heads, seqlen_q, seqlen_k, scale, scale_log2e, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK and dV of one block of BLOCK_N keys, summed over every query row; tiles are (keys, queries)."""
+    n_col_blocks = tl.cdiv(seqlen_k, BLOCK_N)
+    pid = tl.program_id(0)
+    col_block = pid % n_col_blocks
+    batch_head = pid // n_col_blocks
+    batch = (batch_head // n_heads).to(tl.int64)
+    head = (batch_head % n_heads).to(tl.int64)
+    q_ptr += batch * stride_qb + head * stride_qh
+    k_ptr += batch * stride_kb + head * stride_kh
+    v_ptr += batch * stride_vb + head * stride_vh
+    mask_ptr += batch * stride_maskb + head * stride_maskh
+    grad_out_ptr += batch * stride_gb + head * stride_gh
+    grad_k_ptr += batch * stride_dkb + head * stride_dkh
+    grad_v_ptr += batch * stride_dvb + head * stride_dvh
+    stats_ptr += batch_head.to(tl.int64) * seqlen_q
+    delta_ptr += batch_head.to(tl.int64) * seqlen_q
+
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = tl.load(
+        k_ptr + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0,
+    )  # (BLOCK_N, BLOCK_D)
+    v = tl.load(
+        v_ptr + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
+    )  # (BLOCK_N, BLOCK_DV)
+    if HAS_DROPOUT:
+        head_seed = _head_seed(seed_ptr, batch_head)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+
+    grad_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    grad_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    row_start = 0
+    if IS_CAUSAL:
+        row_start = (col_block * BLOCK_N // BLOCK_M) * BLOCK_M  # rows above the block's first key see none of it
+    for start_m in range(row_start, seqlen_q, BLOCK_M):
+        rows = start_m + offs_m
+        q_t = tl.load(
+            q_ptr + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+            mask=(rows[None, :] < seqlen_q) & (offs_d[:, None] < HEAD_DIM), other=0.0,
+        )  # (BLOCK_D, BLOCK_M)
+        grad_out = tl.load(
+            grad_out_ptr + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+            mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
+        )  # (BLOCK_M, BLOCK_DV)
+        row_max = tl.load(stats_ptr + rows, mask=rows < seqlen_q, other=0.0)
+        log2_row_sum = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
+        delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
+        qk_t = _dot(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+        logits_t = _logits_base2(
+            qk_t, rows[None, :], cols[:, None], mask_ptr, stride_maskm, stride_maskn,
+            seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
+        )  # (BLOCK_N, BLOCK_M)
+        probs_t = tl.exp2(logits_t - row_max[None, :] - log2_row_sum[None, :])
+        # d(logits) = P * (dP - delta), dP = grad_out v^T times the dropout's keep / (1 - p).
+        grad_probs_t = _dot(v, tl.trans(grad_out), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+        if HAS_DROPOUT:
+            keep_t = _dropout_keep(head_seed, rows[None, :], cols[:, None], seqlen_k, dropout_p)
+            kept_probs_t = tl.where(keep_t, probs_t * keep_scale, 0.0)
+            grad_probs_t = tl.where(keep_t, grad_probs_t * keep_scale, 0.0)
+        else:
+            kept_probs_t = probs_t
+        grad_v = _dot(kept_probs_t.to(grad_out.dtype), grad_out, grad_v, EXACT_FP32_DOTS, UPCAST_DOTS)
+        grad_logits_t = probs_t * (grad_probs_t - delta[None, :])
+        grad_k = _dot(grad_logits_t.to(q_t.dtype), tl.trans(q_t), grad_k, EXACT_FP32_DOTS, UPCAST_DOTS)
+
+    grad_k = grad_k * scale
+    tl.store(
+        grad_k_ptr + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+        grad_k.to(grad_k_ptr.dtype.element_ty),
+        mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
+    )
+    tl.store(
+        grad_v_ptr + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+        grad_v.to(grad_v_ptr.dtype.element_ty),
+        mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V),
+    )
+
+
+@triton.autotune(
+    configs=autotune_configs(BACKWARD_Q_CONFIGS, _INTERPRETER_BACKWARD_Q_CONFIG),
+    key=_AUTOTUNE_KEY + ["BIAS_NEEDS_GRAD"],
+)
+@triton.jit
+def _attention_backward_q_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, grad_out_ptr, stats_ptr, delta_ptr, grad_q_ptr, grad_bias_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_stats, n_heads, seqlen_q, seqlen_k, scale, scale_log2e, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_NEEDS_GRAD: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of one block of BLOCK_M query rows, and the bias gradient d(logits) of those rows."""
+    n_row_blocks = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    row_block = n_row_blocks - 1 - pid % n_row_blocks  # heaviest causal blocks first, as in the forward
+    batch_head = pid // n_row_blocks
+    batch = (batch_head // n_heads).to(tl.int64)
+    head = (batch_head % n_heads).to(tl.int64)
+    q_ptr += batch * stride_qb + head * stride_qh
+    k_ptr += batch * stride_kb + head * stride_kh
+    v_ptr += batch * stride_vb + head * stride_vh
+    mask_ptr += batch * stride_maskb + head * stride_maskh
+    grad_out_ptr += batch * stride_gb + head * stride_gh
+    grad_q_ptr += batch * stride_dqb + head * stride_dqh
+    grad_bias_ptr += batch_head.to(tl.int64) * seqlen_q * seqlen_k  # a contiguous (B, H, Nq, Nk) tensor
+    stats_ptr += batch_head.to(tl.int64) * seqlen_q
+    delta_ptr += batch_head.to(tl.int64) * seqlen_q
+
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
+    grad_out = tl.load(
+        grad_out_ptr + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+        mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
+    )  # (BLOCK_M, BLOCK_DV)
+    row_max = tl.load(stats_ptr + rows, mask=rows < seqlen_q, other=0.0)
+    log2_row_sum = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
+    delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
+    if HAS_DROPOUT:
+        head_seed = _head_seed(seed_ptr, batch_head)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+
+    grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    key_end = seqlen_k
+    if IS_CAUSAL:
+        key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)
+    for start_n in range(0, key_end, BLOCK_N):
+        cols = start_n + offs_n
+        k_t = tl.load(
+            k_ptr + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0,
+        )  # (BLOCK_D, BLOCK_N)
+        v_t = tl.load(
+            v_ptr + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+            mask=(cols[None, :] < seqlen_k) & (offs_dv[:, None] < HEAD_DIM_V), other=0.0,
+        )  # (BLOCK_DV, BLOCK_N)
+        qk = _dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+        logits = _logits_base2(
+            qk, rows[:, None], cols[None, :], mask_ptr, stride_maskm, stride_maskn,
+            seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
+        )  # (BLOCK_M, BLOCK_N)
+        probs = tl.exp2(logits - row_max[:, None] - log2_row_sum[:, None])
+        grad_probs = _dot(grad_out, v_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(head_seed, rows[:, None], cols[None, :], seqlen_k, dropout_p)
+            grad_probs = tl.where(keep, grad_probs * keep_scale, 0.0)
+        grad_logits = probs * (grad_probs - delta[:, None])  # (BLOCK_M, BLOCK_N)
+        if BIAS_NEEDS_GRAD:
+            tl.store(
+                grad_bias_ptr + rows[:, None] * seqlen_k + cols[None, :], grad_logits,
+                mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k),
+            )
+        grad_q = _dot(grad_logits.to(k_t.dtype), tl.trans(k_t), grad_q, EXACT_FP32_DOTS, UPCAST_DOTS)
+
+    grad_q = grad_q * scale
+    tl.store(
+        grad_q_ptr + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+        grad_q.to(grad_q_ptr.dtype.element_ty),
+        mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM),
+    )
+
+
+@triton.jit
+def _dropout_keep_mask_kernel(
+    seed_ptr, keep_ptr, n_heads, seqlen_q, seqlen_k, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Write the keep decisions of the attention kernels into a contiguous (B, H, Nq, Nk) uint8 tensor."""
+    n_row_blocks = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    row_block = pid % n_row_blocks
+    batch_head = pid // n_row_blocks
+    head_seed = _head_seed(seed_ptr, batch_head)
+    keep_ptr += batch_head.to(tl.int64) * seqlen_q * seqlen_k
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(head_seed, rows[:, None], cols[None, :], seqlen_k, dropout_p)
+        tl.store(
+            keep_ptr + rows[:, None] * seqlen_k + cols[None, :], keep.to(tl.uint8),
+            mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers, the custom ops and their autograd.
+
+
+def attention_grid(n_rows: int, batch_heads: int, block_rows: int) -> tuple[int]:
+    """One program per block of ``block_rows`` rows per (batch, head), all on grid axis 0.
+
+    Axis 0 takes up to 2**31 - 1 programs where axes 1 and 2 stop at 65,535, so batch * heads
+    is not limited by the grid.
+    """
+    return (triton.cdiv(n_rows, block_rows) * batch_heads,)
+
+
+def _mask_arguments(q, k, mask):
+    """(pointer, its four (B, H, Nq, Nk) strides, MASK_KIND); q stands in for an absent mask, unread."""
+    if mask is None:
+        return q, (0, 0, 0, 0), MASK_NONE
+    batch, heads, seqlen_q, _ = q.shape
+    expanded = mask.expand(batch, heads, seqlen_q, k.shape[2])  # a view: broadcast dims get stride 0
+    return expanded, expanded.stride(), MASK_BOOL if mask.dtype == torch.bool else MASK_BIAS
+
+
+def _kernel_constants(q, v, dropout_p, allow_tf32):
+    """The constexprs every attention kernel takes, from the inputs."""
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    return {
+        "HEAD_DIM": head_dim,
+        "HEAD_DIM_V": head_dim_v,
+        "BLOCK_D": triton.next_power_of_2(head_dim),
+        "BLOCK_DV": triton.next_power_of_2(head_dim_v),
+        "HAS_DROPOUT": dropout_p > 0.0,
+        "EXACT_FP32_DOTS": q.dtype == torch.float32 and not allow_tf32,
+        "UPCAST_DOTS": INTERPRETING and q.dtype == torch.bfloat16,
+    }
+
+
+@torch.library.triton_op("vitriton::attention_forward", mutates_args={})
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout_seed: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    is_causal: bool,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, Nq, Dv), softmax statistics (2, B, H, Nq) fp32) of checked inputs.
+
+    The statistics are each row's log-sum-exp in base 2, kept in two parts: [0] the row maximum of
+    the logits, [1] log2 of the row sum of exp2(logits - maximum). The backward subtracts them one
+    after the other, so a huge maximum (a finfo.min bias) cannot round the sum's logarithm away.
+    """
+    batch, heads, seqlen_q, _ = q.shape
+    seqlen_k, head_dim_v = k.shape[2], v.shape[3]
+    # (B, Nq, H, Dv) memory, returned as its (B, H, Nq, Dv) view: what the output projection reads.
+    out = q.new_empty(batch, seqlen_q, heads, head_dim_v).permute(0, 2, 1, 3)
+    stats = torch.empty(2, batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+    mask_ptr, mask_strides, mask_kind = _mask_arguments(q, k, mask)
+    seed = dropout_seed if dropout_seed is not None else stats  # unread without dropout
+
+    def grid(meta):
+        return attention_grid(seqlen_q, batch * heads, meta["BLOCK_M"])
+
+    torch.library.wrap_triton(_attention_forward_kernel)[grid](
+        q, k, v, mask_ptr, seed, out, stats,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(), stats.stride(0),
+        heads, seqlen_q, seqlen_k, scale * LOG2E, dropout_p,
+        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, **_kernel_constants(q, v, dropout_p, allow_tf32),
+    )
+    return out, stats
+
+
+@torch.library.triton_op("vitriton::attention_backward", mutates_args={})
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    stats: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout_seed: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    is_causal: bool,
+    allow_tf32: bool,
+    bias_needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d(logits) (B, H, Nq, Nk) fp32 if ``bias_needs_grad`` else an empty tensor)."""
+    batch, heads, seqlen_q, _ = q.shape
+    seqlen_k, head_dim_v = k.shape[2], v.shape[3]
+    constants = _kernel_constants(q, v, dropout_p, allow_tf32)
+    mask_ptr, mask_strides, mask_kind = _mask_arguments(q, k, mask)
+    seed = dropout_seed if dropout_seed is not None else stats  # unread without dropout
+
+    delta = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+    torch.library.wrap_triton(_attention_backward_delta_kernel)[
+        attention_grid(seqlen_q, batch * heads, _PREPASS_BLOCK_M)
+    ](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seqlen_q,
+        HEAD_DIM_V=head_dim_v, BLOCK_DV=constants["BLOCK_DV"], BLOCK_M=_PREPASS_BLOCK_M,
+    )
+
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Zeros: the blocks a causal mask skips are never written, and their gradient is 0. Without a
+    # bias gradient the dQ kernel gets delta in its place, never written (BIAS_NEEDS_GRAD is off).
+    grad_bias = (
+        torch.zeros(batch, heads, seqlen_q, seqlen_k, device=q.device, dtype=torch.float32)
+        if bias_needs_grad else stats.new_empty(0)
+    )
+
+    def kv_grid(meta):
+        return attention_grid(seqlen_k, batch * heads, meta["BLOCK_N"])
+
+    torch.library.wrap_triton(_attention_backward_kv_kernel)[kv_grid](
+        q, k, v, mask_ptr, seed, grad_out, stats, delta, grad_k, grad_v,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(),
+        *grad_k.stride(), *grad_v.stride(), stats.stride(0),
+        heads, seqlen_q, seqlen_k, scale, scale * LOG2E, dropout_p,
+        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, **constants,
+    )
+
+    def q_grid(meta):
+        return attention_grid(seqlen_q, batch * heads, meta["BLOCK_M"])
+
+    torch.library.wrap_triton(_attention_backward_q_kernel)[q_grid](
+        q, k, v, mask_ptr, seed, grad_out, stats, delta, grad_q, grad_bias if bias_needs_grad else delta,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *grad_q.stride(),
+        stats.stride(0), heads, seqlen_q, seqlen_k, scale, scale * LOG2E, dropout_p,
+        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, BIAS_NEEDS_GRAD=bias_needs_grad, **constants,
+    )
+    return grad_q, grad_k, grad_v, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, dropout_seed, scale, dropout_p, is_causal, allow_tf32 = inputs
+    out, stats = output
+    ctx.save_for_backward(q, k, v, out, stats, mask, dropout_seed)
+    ctx.scale, ctx.dropout_p, ctx.is_causal, ctx.allow_tf32 = scale, dropout_p, is_causal, allow_tf32
+    ctx.mark_non_differentiable(stats)
+
+
+def _backward(ctx, grad_out, _grad_stats):
+    q, k, v, out, stats, mask, dropout_seed = ctx.saved_tensors
+    bias_needs_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
+    grad_q, grad_k, grad_v, grad_bias = attention_backward(
+        grad_out, q, k, v, out, stats, mask, dropout_seed,
+        ctx.scale, ctx.dropout_p, ctx.is_causal, ctx.allow_tf32, bias_needs_grad,
+    )
+    # (B, H, Nq, Nk) summed over the dims the bias was broadcast along, back to its shape.
+    grad_mask = grad_bias.sum_to_size(mask.shape).to(mask.dtype) if bias_needs_grad else None
+    return grad_q, grad_k, grad_v, grad_mask, None, None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dropout_keep_mask(dropout_seed: torch.Tensor, shape: tuple[int, int, int, int], dropout_p: float) -> torch.Tensor:
+    """The bool (B, H, Nq, Nk) keep mask (True = kept) the attention kernels draw from ``dropout_seed``."""
+    batch, heads, seqlen_q, seqlen_k = shape
+    keep = torch.empty(shape, device=dropout_seed.device, dtype=torch.uint8)
+    _dropout_keep_mask_kernel[attention_grid(seqlen_q, batch * heads, _KEEP_MASK_BLOCK_M)](
+        dropout_seed, keep, heads, seqlen_q, seqlen_k, dropout_p,
+        BLOCK_M=_KEEP_MASK_BLOCK_M, BLOCK_N=_KEEP_MASK_BLOCK_N,
+    )
+    return keep.bool()
+
+
+# ---------------------------------------------------------------------------------------------
+# The public function.
+
+
+def _check_supported(q, k, v, mask, dropout_p):
+    for what, dim in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
+        if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
+            raise ValueError(
+                f"attention: {what} {dim} is not supported by the Triton kernel; "
+                f"supported: {MIN_HEAD_DIM} to {MAX_HEAD_DIM}; use backend='einsum'"
+            )
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    tensors = {"q": q, "k": k, "v": v}
+    if mask is not None:
+        tensors["mask"] = mask.expand(*q.shape[:3], seqlen_k)
+    for name, t in tensors.items():
+        last_offset = sum((size - 1) * stride for size, stride in zip(t.shape[2:], t.stride()[2:]))
+        if last_offset >= 2**31:
+            raise ValueError(f"attention: expected each (batch, head) slice of {name} within 2**31 elements, got {last_offset + 1}")
+    if dropout_p > 0.0 and seqlen_q * seqlen_k >= 2**31:
+        raise ValueError(f"attention: dropout needs Nq * Nk < 2**31, got {seqlen_q} * {seqlen_k}")
+
+
+def attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    *,
+    is_causal: bool = False,
+    return_dropout_mask: bool = False,
+):
+    """Fused attention: q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) -> (B, H, Nq, Dv).
+
+    Inputs as checked by ``kernels.dispatch.attention``. ``mask`` broadcasts to (B, H, Nq, Nk):
+    bool (True = may attend) or a float bias added to the scaled logits (it gets a gradient when
+    it requires one). ``scale`` defaults to D**-0.5. ``return_dropout_mask=True`` returns
+    ``(out, keep)``, ``keep`` the bool (B, H, Nq, Nk) mask of the weights dropout kept, for tests.
+    """
+    _check_supported(q, k, v, mask, dropout_p)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dropout_seed = None
+    if dropout_p > 0.0:
+        # Drawn on q's device, so no host-to-device copy; torch.manual_seed seeds that generator too.
+        dropout_seed = torch.randint(0, 2**31, (1,), device=q.device, dtype=torch.int64)
+    out, _ = attention_forward(
+        q, k, v, mask, dropout_seed, scale, float(dropout_p), bool(is_causal),
+        bool(torch.backends.cuda.matmul.allow_tf32),
+    )
+    if not return_dropout_mask:
+        return out
+    shape = (*q.shape[:3], k.shape[2])
+    if dropout_seed is None:
+        return out, torch.ones(shape, device=q.device, dtype=torch.bool)
+    return out, dropout_keep_mask(dropout_seed, shape, float(dropout_p))

@@ -23,6 +23,7 @@ Inputs and layout
 - Any lengths Nq, Nk >= 1 (cross-attention too): the last blocks are masked in the loads (keys past
   the end get a logit of -inf), nothing is padded in memory. The grid is one axis of
   ``row blocks * B * H`` programs, so batch * heads is not bound by CUDA's 65,535 limit of axes 1-2.
+  An empty output (B, H or Nq of 0) launches nothing: the reference returns it.
 - Head dims D and Dv: any integer from 16 to 256 (so 80, 96, 160 too), padded in registers to the
   next power of two (BLOCK_D) with masked loads. Others raise ValueError.
 - float16, bfloat16, float32, accumulated in fp32. float32 dots follow PyTorch's own switch: TF32
@@ -38,6 +39,13 @@ Inputs and layout
   generator of q's device (so ``torch.manual_seed`` reproduces it) and by the (batch, head)
   index, counted by ``row * Nk + col``; the backward draws exactly the same keep mask.
   ``return_dropout_mask=True`` also returns that mask, for tests.
+- Non-finite inputs go where the reference sends them: NaN or inf in row i of q gives NaN in row i
+  of the output only; in k of key j, in the rows that attend key j (a masked logit is -inf
+  whatever it was); in v of key j, in that column of every row whose key block holds key j,
+  attended or not, since a weight of 0 times inf is NaN (as in the einsum reference and PyTorch's
+  SDPA). The one difference: key blocks a causal row block skips are never read, so there the
+  kernel has a finite row where the reference has 0 * inf. Finite inputs whose logits fit float32
+  give a finite output.
 - Offsets inside one (batch, head) slice are int32 (the slice base is int64): each of q, k, v,
   the expanded mask and, with dropout, Nq * Nk must stay below 2**31 elements per slice.
 
@@ -59,7 +67,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import INTERPRETING, autotune_configs
+from kernels import reference
+from kernels.triton_utils import INTERPRETING, autotune_configs, rounded_to
 
 LOG2E = math.log2(math.e)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -239,7 +248,7 @@ def _attention_forward_kernel(
             v_ptr + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
             mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
         )  # (BLOCK_N, BLOCK_DV)
-        acc = _dot(probs.to(v.dtype), v, acc * rescale[:, None], EXACT_FP32_DOTS, UPCAST_DOTS)
+        acc = _dot(rounded_to(probs, v_ptr, UPCAST_DOTS), v, acc * rescale[:, None], EXACT_FP32_DOTS, UPCAST_DOTS)
         row_max = new_max
 
     # A row with every key masked has row_sum 0: divide by 1, output 0, and save a maximum of 0 and
@@ -252,7 +261,7 @@ def _attention_forward_kernel(
     tl.store(stats_ptr + stride_stats + rows, tl.log2(row_sum), mask=rows < seqlen_q)
     tl.store(
         out_ptr + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
-        acc.to(out_ptr.dtype.element_ty),
+        rounded_to(acc, out_ptr, UPCAST_DOTS),
         mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V),
     )
 
@@ -371,19 +380,19 @@ def _attention_backward_kv_kernel(
             grad_probs_t = tl.where(keep_t, grad_probs_t * keep_scale, 0.0)
         else:
             kept_probs_t = probs_t
-        grad_v = _dot(kept_probs_t.to(grad_out.dtype), grad_out, grad_v, EXACT_FP32_DOTS, UPCAST_DOTS)
+        grad_v = _dot(rounded_to(kept_probs_t, grad_out_ptr, UPCAST_DOTS), grad_out, grad_v, EXACT_FP32_DOTS, UPCAST_DOTS)
         grad_logits_t = probs_t * (grad_probs_t - delta[None, :])
-        grad_k = _dot(grad_logits_t.to(q_t.dtype), tl.trans(q_t), grad_k, EXACT_FP32_DOTS, UPCAST_DOTS)
+        grad_k = _dot(rounded_to(grad_logits_t, q_ptr, UPCAST_DOTS), tl.trans(q_t), grad_k, EXACT_FP32_DOTS, UPCAST_DOTS)
 
     grad_k = grad_k * scale
     tl.store(
         grad_k_ptr + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-        grad_k.to(grad_k_ptr.dtype.element_ty),
+        rounded_to(grad_k, grad_k_ptr, UPCAST_DOTS),
         mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
     )
     tl.store(
         grad_v_ptr + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
-        grad_v.to(grad_v_ptr.dtype.element_ty),
+        rounded_to(grad_v, grad_v_ptr, UPCAST_DOTS),
         mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V),
     )
 
@@ -473,12 +482,12 @@ def _attention_backward_q_kernel(
                 grad_bias_ptr + rows[:, None] * seqlen_k + cols[None, :], grad_logits,
                 mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k),
             )
-        grad_q = _dot(grad_logits.to(k_t.dtype), tl.trans(k_t), grad_q, EXACT_FP32_DOTS, UPCAST_DOTS)
+        grad_q = _dot(rounded_to(grad_logits, k_ptr, UPCAST_DOTS), tl.trans(k_t), grad_q, EXACT_FP32_DOTS, UPCAST_DOTS)
 
     grad_q = grad_q * scale
     tl.store(
         grad_q_ptr + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-        grad_q.to(grad_q_ptr.dtype.element_ty),
+        rounded_to(grad_q, grad_q_ptr, UPCAST_DOTS),
         mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM),
     )
 
@@ -537,6 +546,7 @@ def _kernel_constants(q, v, dropout_p, allow_tf32):
         "BLOCK_DV": triton.next_power_of_2(head_dim_v),
         "HAS_DROPOUT": dropout_p > 0.0,
         "EXACT_FP32_DOTS": q.dtype == torch.float32 and not allow_tf32,
+        # Interpreting bf16: dots upcast to fp32, and fp32 -> bf16 casts rounded as a GPU rounds them.
         "UPCAST_DOTS": INTERPRETING and q.dtype == torch.bfloat16,
     }
 
@@ -717,6 +727,12 @@ def attention_triton(
     ``(out, keep)``, ``keep`` the bool (B, H, Nq, Nk) mask of the weights dropout kept, for tests.
     """
     _check_supported(q, k, v, mask, dropout_p)
+    shape = (*q.shape[:3], k.shape[2])
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0:
+        # An empty output (B, H or Nq of 0) has nothing to compute: no launch, no seed drawn. The
+        # reference returns the empty result, with gradients, after the same checks as a launch.
+        out = reference.attention_reference(q, k, v, mask, scale, dropout_p, is_causal=is_causal)
+        return (out, torch.ones(shape, device=q.device, dtype=torch.bool)) if return_dropout_mask else out
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dropout_seed = None
     if dropout_p > 0.0:
@@ -728,7 +744,6 @@ def attention_triton(
     )
     if not return_dropout_mask:
         return out
-    shape = (*q.shape[:3], k.shape[2])
     if dropout_seed is None:
         return out, torch.ones(shape, device=q.device, dtype=torch.bool)
     return out, dropout_keep_mask(dropout_seed, shape, float(dropout_p))

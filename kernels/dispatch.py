@@ -17,6 +17,9 @@ the global one.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
+import numbers
 import os
 import warnings
 
@@ -82,7 +85,9 @@ def pick_backend(requested: str | None, op: str, tensors: list[torch.Tensor]) ->
     if name == "einsum":
         return "einsum"
     device, dtype = tensors[0].device, tensors[0].dtype
-    runnable = device.type == "cuda" or interpreter_on()
+    # "meta" tensors carry shapes only: the Triton ops' shape functions take them and launch
+    # nothing, which lets torch.compile trace a fused model without a GPU.
+    runnable = device.type in ("cuda", "meta") or interpreter_on()
     if name == "triton":
         if not runnable:
             raise RuntimeError(
@@ -92,7 +97,7 @@ def pick_backend(requested: str | None, op: str, tensors: list[torch.Tensor]) ->
         if dtype not in TRITON_DTYPES:
             raise TypeError(f"{op}: the Triton kernels take float16, bfloat16 or float32, got {dtype}; use backend='einsum'")
         return "triton"
-    if device.type != "cuda":
+    if device.type not in ("cuda", "meta"):
         _warn_once(f"{op} got tensors on {device}, and the Triton kernels run on CUDA tensors")
         return "einsum"
     if dtype not in TRITON_DTYPES:
@@ -102,7 +107,14 @@ def pick_backend(requested: str | None, op: str, tensors: list[torch.Tensor]) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Input checks: one line each, naming what was expected and what came.
+# Input checks: one line each, naming what was expected and what came. A wrong type (not a
+# tensor, not a number, a dtype the op does not take or two dtypes mixed) is a TypeError; a
+# wrong shape, device or value is a ValueError.
+
+
+def _check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: expected {name} to be a tensor, got {type(t).__name__}")
 
 
 def _check_same(op: str, what: str, named: dict[str, torch.Tensor | None]) -> None:
@@ -110,7 +122,8 @@ def _check_same(op: str, what: str, named: dict[str, torch.Tensor | None]) -> No
     values = {name: getattr(t, what) for name, t in present.items()}
     if len(set(values.values())) > 1:
         listed = ", ".join(f"{name} {value}" for name, value in values.items())
-        raise ValueError(f"{op}: expected every tensor on one {what}, got {listed}")
+        error = TypeError if what == "dtype" else ValueError
+        raise error(f"{op}: expected every tensor on one {what}, got {listed}")
 
 
 def _check_float(op: str, named: dict[str, torch.Tensor]) -> None:
@@ -119,14 +132,40 @@ def _check_float(op: str, named: dict[str, torch.Tensor]) -> None:
             raise TypeError(f"{op}: expected a floating-point {name}, got {t.dtype}")
 
 
-def _check_attention_inputs(op, q, k, v, mask, dropout_p):
+def _is_real(value) -> bool:
+    """A Python or NumPy real number; not a bool (a flag passed in the wrong place), not a tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_scalars(op: str, scale, dropout_p, is_causal) -> None:
+    """``scale``: None or any finite number, as PyTorch's SDPA; ``dropout_p`` in [0, 1); ``is_causal`` a bool."""
+    if scale is not None:
+        if not _is_real(scale):
+            raise TypeError(f"{op}: expected scale to be None or a finite number, got {type(scale).__name__}")
+        if not -math.inf < scale < math.inf:  # not math.isfinite: this form also traces (a SymFloat under compile)
+            raise ValueError(f"{op}: expected scale to be None or a finite number, got {scale}")
+    if not _is_real(dropout_p):
+        raise TypeError(f"{op}: expected dropout_p to be a number in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: expected 0 <= dropout_p < 1, got {dropout_p}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"{op}: expected is_causal to be a bool, got {type(is_causal).__name__}")
+
+
+def _check_attention_inputs(op, q, k, v, mask, scale, dropout_p, is_causal):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: expected {name} to be a tensor, got {type(t).__name__}")
+        _check_tensor(op, name, t)
         if t.dim() != 4:
             raise ValueError(f"{op}: expected {name} of shape (B, H, N, D), got {tuple(t.shape)}")
+    if mask is not None:
+        _check_tensor(op, "the mask", mask)
     _check_float(op, {"q": q, "k": k, "v": v})
     _check_same(op, "dtype", {"q": q, "k": k, "v": v})
+    if mask is not None:
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"{op}: expected a bool mask (True = may attend) or a float mask, got {mask.dtype}")
+        if mask.is_floating_point() and mask.dtype not in (q.dtype, torch.float32):
+            raise TypeError(f"{op}: expected a float mask of q's dtype ({q.dtype}) or float32, got {mask.dtype}")
     _check_same(op, "device", {"q": q, "k": k, "v": v, "mask": mask})
     if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
         raise ValueError(
@@ -135,13 +174,13 @@ def _check_attention_inputs(op, q, k, v, mask, dropout_p):
         )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"{op}: expected q and k with the same head dim, got q {q.shape[-1]} and k {k.shape[-1]}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"{op}: expected a head dim of at least 1, got q of shape {tuple(q.shape)}")
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"{op}: expected k and v with the same length, got k {k.shape[-2]} and v {v.shape[-2]}")
+    if k.shape[-2] == 0:
+        raise ValueError(f"{op}: expected at least one key, got k of shape {tuple(k.shape)}")
     if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"{op}: expected the mask to be a tensor, got {type(mask).__name__}")
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"{op}: expected a bool mask (True = may attend) or a float mask, got {mask.dtype}")
         target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         try:
             fits = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, target) == target
@@ -149,10 +188,7 @@ def _check_attention_inputs(op, q, k, v, mask, dropout_p):
             fits = False
         if not fits:
             raise ValueError(f"{op}: expected a mask broadcastable to (B, H, Nq, Nk) = {target}, got {tuple(mask.shape)}")
-    if k.shape[-2] == 0:
-        raise ValueError(f"{op}: expected at least one key, got k of shape {tuple(k.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: expected 0 <= dropout_p < 1, got {dropout_p}")
+    _check_scalars(op, scale, dropout_p, is_causal)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,15 +209,13 @@ def attention(
     """Scaled multi-head attention: q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) -> (B, H, Nq, Dv).
 
     ``mask`` broadcasts to (B, H, Nq, Nk): bool with True = may attend, or float added to the
-    logits. ``scale`` (default D**-0.5) multiplies the logits before the softmax. A query row
-    with every key masked returns zeros. ``dropout_p`` drops attention weights (pass 0 in eval).
+    logits. ``scale`` (default D**-0.5; any finite number, as PyTorch's SDPA takes) multiplies the
+    logits before the softmax. A query row with every key masked returns zeros. ``dropout_p``
+    drops attention weights (pass 0 in eval). Bad input is a one-line TypeError (a wrong type or
+    dtype) or ValueError (a wrong shape, device or value), whatever the backend.
     """
-    _check_attention_inputs("attention", q, k, v, mask, dropout_p)
-    if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype and mask.dtype != torch.float32:
-        raise TypeError(f"attention: expected a float mask of {q.dtype} or float32, got {mask.dtype}")
-    # An empty batch (B, H or Nq of 0) has nothing to compute: the reference returns the empty
-    # result without launching a kernel.
-    if pick_backend(backend, "attention", [q, k, v]) == "einsum" or q.numel() == 0:
+    _check_attention_inputs("attention", q, k, v, mask, scale, dropout_p, is_causal)
+    if pick_backend(backend, "attention", [q, k, v]) == "einsum":
         return reference.attention_reference(q, k, v, mask, scale, dropout_p, is_causal=is_causal)
     from kernels.attention import attention_triton
 
@@ -208,9 +242,11 @@ def scaled_dot_product_attention(
     """
     op = "scaled_dot_product_attention"
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor) or t.dim() < 2:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{op}: expected {name} of shape (..., L, E), got {got}")
+        _check_tensor(op, name, t)
+        if t.dim() < 2:
+            raise ValueError(f"{op}: expected {name} of shape (..., L, E), got {tuple(t.shape)}")
+    if attn_mask is not None:
+        _check_tensor(op, "attn_mask", attn_mask)
     if is_causal and attn_mask is not None:
         raise ValueError(f"{op}: expected either attn_mask or is_causal=True, got both")
     if not (query.dim() == key.dim() == value.dim()):
@@ -218,7 +254,7 @@ def scaled_dot_product_attention(
             f"{op}: expected query, key, value of one rank, got {query.dim()}, {key.dim()} and {value.dim()}"
         )
     if enable_gqa and query.dim() >= 3 and key.shape[-3] != query.shape[-3]:
-        if query.shape[-3] % key.shape[-3] != 0:
+        if key.shape[-3] == 0 or query.shape[-3] % key.shape[-3] != 0:
             raise ValueError(
                 f"{op}: enable_gqa expects query heads divisible by key heads, got {query.shape[-3]} and {key.shape[-3]}"
             )
@@ -235,8 +271,8 @@ def scaled_dot_product_attention(
     if query.dim() == 4:
         q, k, v, mask = query, key, value, attn_mask
     else:
-        def to_4d(t):
-            return t.reshape(-1, 1, *t.shape[-2:])
+        def to_4d(t):  # the leading dims' product spelled out: -1 is ambiguous when L or E is 0
+            return t.reshape(math.prod(lead), 1, *t.shape[-2:])
 
         q, k, v = to_4d(query), to_4d(key), to_4d(value)
         mask = None
@@ -267,18 +303,28 @@ def patch_embed(
     optional. H and W must be multiples of the patch size P, read from the weight.
     """
     op = "patch_embed"
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{op}: expected images of shape (B, C, H, W), got {got}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[-1] != weight.shape[-2]:
-        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"{op}: expected a Conv2d weight of shape (D, C, P, P), got {got}")
     named = {"images": images, "weight": weight, "bias": bias, "cls_token": cls_token, "pos_embed": pos_embed}
-    present = {name: t for name, t in named.items() if t is not None}
+    present = {name: t for name, t in named.items() if t is not None or name in ("images", "weight")}
+    for name, t in present.items():
+        _check_tensor(op, name, t)
+    device_type = images.device.type
+    if torch.is_autocast_enabled(device_type) and all(t.is_floating_point() for t in present.values()):
+        # Under autocast, do what Conv2d + cat + add do there: project in the autocast dtype, and
+        # return tokens promoted to the class token's and position embedding's dtype (float32
+        # parameters keep the residual stream in float32, as in timm).
+        low = torch.get_autocast_dtype(device_type)
+        out_dtype = functools.reduce(torch.promote_types, [t.dtype for t in (cls_token, pos_embed) if t is not None], low)
+        with torch.autocast(device_type, enabled=False):
+            tokens = patch_embed(*(None if t is None else t.to(low) for t in named.values()), backend=backend)
+        return tokens.to(out_dtype)
+    if images.dim() != 4:
+        raise ValueError(f"{op}: expected images of shape (B, C, H, W), got {tuple(images.shape)}")
+    if weight.dim() != 4 or weight.shape[-1] != weight.shape[-2] or weight.shape[-1] == 0:
+        raise ValueError(f"{op}: expected a Conv2d weight of shape (D, C, P, P) with P >= 1, got {tuple(weight.shape)}")
     _check_float(op, present)
     _check_same(op, "dtype", present)
     _check_same(op, "device", present)
-    batch, channels, height, width = images.shape
+    _, channels, height, width = images.shape
     dim, weight_channels, patch, _ = weight.shape
     if channels != weight_channels:
         raise ValueError(f"{op}: expected images with {weight_channels} channels (the weight's), got {channels}")
@@ -296,7 +342,7 @@ def patch_embed(
                 f"{op}: expected pos_embed of shape (1, {n_tokens}, {dim}) for a {height}x{width} image "
                 f"with patch {patch}{' and a class token' if cls_token is not None else ''}, got {tuple(pos_embed.shape)}"
             )
-    if pick_backend(backend, op, [images]) == "einsum" or images.shape[0] == 0:
+    if pick_backend(backend, op, [images]) == "einsum":
         return reference.patch_embed_reference(images, weight, bias, cls_token, pos_embed)
     from kernels.patch_embed import patch_embed_triton
 

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.triton_utils import INTERPRETING, autotune_configs
+from kernels.triton_utils import INTERPRETING, autotune_configs, rounded_to
 
 
 def _configs(sizes: list[tuple[int, int, int, int, int]], names: tuple[str, str, str]) -> list[triton.Config]:
@@ -125,21 +125,6 @@ def _dot(a, b, acc, IEEE_FP32: tl.constexpr, INTERPRETING: tl.constexpr):
     return acc
 
 
-@triton.jit
-def _rounded_to(acc, out_ptr, INTERPRETING: tl.constexpr):
-    """The fp32 tile ``acc`` in out_ptr's element type, rounded to nearest even as on a GPU.
-
-    The interpreter's fp32 -> bf16 cast truncates, up to one bf16 ulp off (twice a GPU's error),
-    so there bf16 is rounded on the bits: add 0x7FFF plus the lowest kept bit, keep the top half.
-    """
-    out = acc.to(out_ptr.dtype.element_ty)
-    if INTERPRETING and out_ptr.dtype.element_ty == tl.bfloat16:
-        bits = acc.to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return out
-
-
 @triton.autotune(configs=_autotuned(_FORWARD_NAMES), key=["n_rows", "dim", "CHANNELS", "PATCH"])
 @triton.jit
 def _patch_embed_forward_kernel(
@@ -197,7 +182,7 @@ def _patch_embed_forward_kernel(
     image_base = image.to(tl.int64) * stride_tb
     tl.store(
         tokens_ptr + image_base[:, None] + token_row[:, None] * stride_tn + cols[None, :] * stride_td,
-        _rounded_to(acc, tokens_ptr, INTERPRETING),
+        rounded_to(acc, tokens_ptr, INTERPRETING),
         mask=row_ok[:, None] & col_ok[None, :],
     )
 
@@ -211,7 +196,7 @@ def _patch_embed_forward_kernel(
         cls_rows = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32) + cls[None, :]
         tl.store(
             tokens_ptr + image_base[:, None] + cols[None, :] * stride_td,
-            _rounded_to(cls_rows, tokens_ptr, INTERPRETING),
+            rounded_to(cls_rows, tokens_ptr, INTERPRETING),
             mask=first_patch[:, None] & col_ok[None, :],
         )
 
@@ -258,7 +243,7 @@ def _patch_embed_grad_weight_kernel(
 
     out = out_ptr + split * stride_os + dims[:, None] * stride_od
     out += _patch_offsets(ks, stride_oc, stride_oh, stride_ow, CHANNELS, PATCH, CHANNELS_INNER, OUT_RUNS)[None, :]
-    tl.store(out, _rounded_to(acc, out_ptr, INTERPRETING), mask=dim_ok[:, None] & k_ok[None, :])
+    tl.store(out, rounded_to(acc, out_ptr, INTERPRETING), mask=dim_ok[:, None] & k_ok[None, :])
 
 
 @triton.autotune(configs=_autotuned(_GRAD_IMAGES_NAMES), key=["n_rows", "dim", "CHANNELS", "PATCH"])
@@ -304,7 +289,7 @@ def _patch_embed_grad_images_kernel(
     pixel = _patch_offsets(ks, stride_ic, stride_ih, stride_iw, CHANNELS, PATCH, CHANNELS_INNER, CHANNELS_INNER)
     tl.store(
         grad_images_ptr + origin[:, None] + pixel[None, :],
-        _rounded_to(acc, grad_images_ptr, INTERPRETING),
+        rounded_to(acc, grad_images_ptr, INTERPRETING),
         mask=row_ok[:, None] & k_ok[None, :],
     )
 
@@ -347,7 +332,7 @@ def patch_embed_forward(
 ) -> torch.Tensor:
     """Images (B, C, H, W), weight (D, C, P, P) -> tokens (B, [1+]N, D): see patch_embed_triton."""
     batch, channels, patch, per_row, n_patches, n_rows, dim = _sizes(images, weight)
-    if n_rows == 0:  # an empty batch or an image with no patch: nothing to project, at most class tokens
+    if n_rows * dim == 0:  # an empty batch, an image with no patch or D = 0: nothing to project, no launch
         return reference.patch_embed_reference(images, weight, bias, cls_token, pos_embed)
     has_cls = cls_token is not None
     tokens = images.new_empty((batch, n_patches + has_cls, dim))  # (B, [1+]N, D)
@@ -427,6 +412,8 @@ def _grad_weight(patch_grads: torch.Tensor, images: torch.Tensor, weight: torch.
 def patch_embed_grad_weight(patch_grads: torch.Tensor, images: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """grad_weight (D, C, P, P), strided like weight, = patches^T @ patch_grads (B, N, D)."""
     _, channels, patch, _, _, n_rows, dim = _sizes(images, weight)
+    if n_rows * dim == 0:  # no patch or no output column: the gradient is 0, nothing to launch
+        return torch.zeros_like(weight)
     splits = _grad_weight_splits(n_rows, dim, channels * patch * patch, images.device)
     return _grad_weight(patch_grads, images, weight, splits)
 
@@ -438,9 +425,9 @@ def patch_embed_grad_images(patch_grads: torch.Tensor, images: torch.Tensor, wei
     ``images`` is only read for its shape and layout.
     """
     _, channels, patch, per_row, n_patches, n_rows, dim = _sizes(images, weight)
+    if n_rows * dim == 0:  # no patch or no output column: the gradient is 0, nothing to launch
+        return torch.zeros_like(images)
     grad_images = torch.empty_like(images)
-    if grad_images.numel() == 0:
-        return grad_images
 
     def grid(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(channels * patch * patch, meta["BLOCK_K"]),)

@@ -1,4 +1,5 @@
-"""What both Triton kernel files need: whether Triton's interpreter runs them, and how to launch.
+"""What both Triton kernel files need: whether Triton's interpreter runs them, how to launch,
+and how to round to bf16 the way a GPU does when the interpreter runs them.
 
 Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a kernel, so this is read once,
 at import, the same moment the kernels are decorated.
@@ -7,6 +8,7 @@ at import, the same moment the kernels are decorated.
 import os
 
 import triton
+import triton.language as tl
 
 # Triton's CPU interpreter runs each program one after another in numpy: bf16 is stored as
 # uint16 there and `tl.dot` of two bf16 tiles silently returns garbage, so the kernels upcast
@@ -18,3 +20,19 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def autotune_configs(configs: list[triton.Config], interpreter_config: triton.Config) -> list[triton.Config]:
     """The configs to autotune over: all of them on a GPU, just ``interpreter_config`` when interpreting."""
     return [interpreter_config] if INTERPRETING else configs
+
+
+@triton.jit
+def rounded_to(acc, out_ptr, INTERPRETING: tl.constexpr):
+    """The fp32 tile ``acc`` in out_ptr's element type, rounded to nearest even as on a GPU.
+
+    The interpreter's fp32 -> bf16 cast truncates (explicit ``.to`` and the implicit cast of a
+    store alike), up to one bf16 ulp off, twice a GPU's error: so there bf16 is rounded on the
+    bits: add 0x7FFF plus the lowest kept bit, keep the top half. On a GPU this is ``acc.to``.
+    """
+    out = acc.to(out_ptr.dtype.element_ty)
+    if INTERPRETING and out_ptr.dtype.element_ty == tl.bfloat16:
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return out

@@ -19,7 +19,7 @@ import torch
 import kernels
 from vit.model import ViT
 
-SMALL = dict(image_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+SMALL = {"image_size": 32, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,7 +53,7 @@ def test_fused_vit_traces_fullgraph_through_the_custom_ops():
     )
     environment = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, "-c", script], env=environment, cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script], env=environment, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0 and "traced" in result.stdout, result.stderr[-3000:]
 

@@ -12,7 +12,7 @@ import vit
 from tests.equivalence import DEVICE, assert_close_to_reference
 from vit.model import PRESETS, MultiHeadAttention, PatchEmbedding, ViT, ViTConfig
 
-SMALL = dict(image_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+SMALL = {"image_size": 32, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -207,3 +207,27 @@ def test_fused_model_equals_reference_forward_and_backward(form):
     assert_close_to_reference(outputs[0], outputs[1], outputs[2], name="logits")
     for (name, p_fused), p_ref, p_low in zip(fused.named_parameters(), reference.parameters(), low.parameters()):
         assert_close_to_reference(p_fused.grad, p_ref.grad, p_low.grad, name=f"grad {name}")
+
+
+def test_fused_patch_embedding_under_autocast_projects_in_low_precision(monkeypatch):
+    # As Conv2d + cat + add under autocast: the projection in bf16, the tokens in float32 (the
+    # class token and position embedding are float32), so the residual stream stays float32.
+    torch.manual_seed(0)
+    fused = PatchEmbedding(32, 16, 3, 24, fused=True).to(DEVICE)
+    plain = PatchEmbedding(32, 16, 3, 24, fused=False).to(DEVICE)
+    plain.load_state_dict(fused.state_dict())
+    patch_embed_module = sys.modules["kernels.patch_embed"]
+    seen = []
+    launch = patch_embed_module.patch_embed_triton
+
+    def spy(images, weight, *args):
+        seen.append((images.dtype, weight.dtype))
+        return launch(images, weight, *args)
+
+    monkeypatch.setattr(patch_embed_module, "patch_embed_triton", spy)
+    images = torch.rand(2, 3, 32, 32, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16), kernels.use_backend("triton"):
+        tokens, expected = fused(images), plain(images)
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert tokens.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=2e-2)

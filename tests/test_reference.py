@@ -141,7 +141,7 @@ def test_patch_embed_reference_equals_conv2d(height, width):
 
 def test_auto_on_cpu_uses_einsum_and_says_so(monkeypatch):
     monkeypatch.setattr(dispatch, "_warned", set())
-    q, k, v = qkv()
+    q, _, _ = qkv()
     with pytest.warns(UserWarning, match="einsum reference.*cpu"):
         assert dispatch.pick_backend("auto", "attention", [q]) == "einsum"
     with warnings.catch_warnings():

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. The image, resized, as a batch: (B, 3, H, W).
     try:
         image = load_image(args.image, size=config.image_size)
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except (OSError, ValueError, ImportError) as error:  # missing, unreadable, a directory, not an image
         print(f"python -m vit: {error}", file=sys.stderr)
         return 2
     images = image.expand(args.batch, -1, -1, -1).to(device)

@@ -62,8 +62,10 @@ def load_image(
             image = ImageOps.exif_transpose(image_file)
     except FileNotFoundError:
         raise FileNotFoundError(f"no image file at {path}") from None
-    except (PermissionError, IsADirectoryError):
-        raise  # the operating system's message already names the path and the problem
+    except IsADirectoryError:
+        raise IsADirectoryError(f"expected an image file, got a directory: {path}") from None
+    except PermissionError:
+        raise PermissionError(f"no permission to read the image file {path}") from None
     except OSError as error:  # Pillow's UnidentifiedImageError is an OSError, so is truncation
         raise ValueError(f"not an image Pillow can read: {path}") from error
 

@@ -160,10 +160,14 @@ class PatchEmbedding(nn.Module):
         return resample_pos_embed(self.pos_embed, (height // p, width // p), self.num_prefix_tokens)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"PatchEmbedding: expected images to be a tensor, got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != self.in_channels:
             raise ValueError(
                 f"PatchEmbedding: expected images (B, {self.in_channels}, H, W), got {tuple(images.shape)}"
             )
+        if not images.is_floating_point():
+            raise TypeError(f"PatchEmbedding: expected floating-point images (uint8 ones: .float() / 255), got {images.dtype}")
         pos_embed = self.pos_embed_for(images.shape[-2], images.shape[-1])  # (1, [1 +] N, E)
         if self.fused:
             return kernels.patch_embed(images, self.conv_weight(), self.proj.bias, self.cls_token, pos_embed)
@@ -208,6 +212,10 @@ class MultiHeadAttention(nn.Module):
         self.proj_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MultiHeadAttention: expected tokens to be a tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.qkv.in_features:
+            raise ValueError(f"MultiHeadAttention: expected tokens (B, N, {self.qkv.in_features}), got {tuple(x.shape)}")
         qkv = self.qkv(x)  # (B, N, 3 * E)
         # Views into qkv, (B, H, N, D) each: the kernels read them in place, strides and all.
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
@@ -307,11 +315,11 @@ class ViT(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Presets: timm's names and shapes, plus the tutorial's own.
 
-_TINY = dict(embed_dim=192, depth=12, num_heads=3)
-_SMALL = dict(embed_dim=384, depth=12, num_heads=6)
-_BASE = dict(embed_dim=768, depth=12, num_heads=12)
-_LARGE = dict(embed_dim=1024, depth=24, num_heads=16)
-_HUGE = dict(embed_dim=1280, depth=32, num_heads=16)
+_TINY = {"embed_dim": 192, "depth": 12, "num_heads": 3}
+_SMALL = {"embed_dim": 384, "depth": 12, "num_heads": 6}
+_BASE = {"embed_dim": 768, "depth": 12, "num_heads": 12}
+_LARGE = {"embed_dim": 1024, "depth": 24, "num_heads": 16}
+_HUGE = {"embed_dim": 1280, "depth": 32, "num_heads": 16}
 
 PRESETS: dict[str, ViTConfig] = {
     "vit_tiny_patch16_224": ViTConfig(patch_size=16, image_size=224, **_TINY),

@@ -308,7 +308,7 @@ def patch_embed(
     for name, t in present.items():
         _check_tensor(op, name, t)
     device_type = images.device.type
-    if torch.is_autocast_enabled(device_type) and all(t.is_floating_point() for t in present.values()):
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type) and all(t.is_floating_point() for t in present.values()):
         # Under autocast, do what Conv2d + cat + add do there: project in the autocast dtype, and
         # return tokens promoted to the class token's and position embedding's dtype (float32
         # parameters keep the residual stream in float32, as in timm).

@@ -68,7 +68,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.triton_utils import INTERPRETING, autotune_configs, rounded_to
+from kernels.triton_utils import INTERPRETING, autotune_configs, dot, rounded_to
 
 LOG2E = math.log2(math.e)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -121,19 +121,6 @@ _KEEP_MASK_BLOCK_M, _KEEP_MASK_BLOCK_N = 32, 64
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels and their jit helpers.
-
-
-@triton.jit
-def _dot(a, b, acc, EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr):
-    """acc + a @ b in fp32. In the interpreter bf16 dots return garbage, so they run in fp32 there."""
-    if UPCAST_DOTS:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if EXACT_FP32_DOTS:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc, input_precision="tf32")  # for fp16 / bf16 operands the precision is moot
-    return acc
 
 
 @triton.jit
@@ -231,7 +218,7 @@ def _attention_forward_kernel(
             k_ptr + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
             mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0,
         )  # (BLOCK_D, BLOCK_N)
-        qk = _dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+        qk = dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
         logits = _logits_base2(
             qk, rows[:, None], cols[None, :], mask_ptr, stride_maskm, stride_maskn,
             seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
@@ -248,7 +235,7 @@ def _attention_forward_kernel(
             v_ptr + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
             mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
         )  # (BLOCK_N, BLOCK_DV)
-        acc = _dot(rounded_to(probs, v_ptr, UPCAST_DOTS), v, acc * rescale[:, None], EXACT_FP32_DOTS, UPCAST_DOTS)
+        acc = dot(rounded_to(probs, v_ptr, UPCAST_DOTS), v, acc * rescale[:, None], EXACT_FP32_DOTS, UPCAST_DOTS)
         row_max = new_max
 
     # A row with every key masked has row_sum 0: divide by 1, output 0, and save a maximum of 0 and
@@ -366,23 +353,23 @@ def _attention_backward_kv_kernel(
         row_max = tl.load(stats_ptr + rows, mask=rows < seqlen_q, other=0.0)
         log2_row_sum = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
         delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
-        qk_t = _dot(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+        qk_t = dot(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
         logits_t = _logits_base2(
             qk_t, rows[None, :], cols[:, None], mask_ptr, stride_maskm, stride_maskn,
             seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
         )  # (BLOCK_N, BLOCK_M)
         probs_t = tl.exp2(logits_t - row_max[None, :] - log2_row_sum[None, :])
         # d(logits) = P * (dP - delta), dP = grad_out v^T times the dropout's keep / (1 - p).
-        grad_probs_t = _dot(v, tl.trans(grad_out), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+        grad_probs_t = dot(v, tl.trans(grad_out), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
         if HAS_DROPOUT:
             keep_t = _dropout_keep(head_seed, rows[None, :], cols[:, None], seqlen_k, dropout_p)
             kept_probs_t = tl.where(keep_t, probs_t * keep_scale, 0.0)
             grad_probs_t = tl.where(keep_t, grad_probs_t * keep_scale, 0.0)
         else:
             kept_probs_t = probs_t
-        grad_v = _dot(rounded_to(kept_probs_t, grad_out_ptr, UPCAST_DOTS), grad_out, grad_v, EXACT_FP32_DOTS, UPCAST_DOTS)
+        grad_v = dot(rounded_to(kept_probs_t, grad_out_ptr, UPCAST_DOTS), grad_out, grad_v, EXACT_FP32_DOTS, UPCAST_DOTS)
         grad_logits_t = probs_t * (grad_probs_t - delta[None, :])
-        grad_k = _dot(rounded_to(grad_logits_t, q_ptr, UPCAST_DOTS), tl.trans(q_t), grad_k, EXACT_FP32_DOTS, UPCAST_DOTS)
+        grad_k = dot(rounded_to(grad_logits_t, q_ptr, UPCAST_DOTS), tl.trans(q_t), grad_k, EXACT_FP32_DOTS, UPCAST_DOTS)
 
     grad_k = grad_k * scale
     tl.store(
@@ -466,13 +453,13 @@ def _attention_backward_q_kernel(
             v_ptr + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
             mask=(cols[None, :] < seqlen_k) & (offs_dv[:, None] < HEAD_DIM_V), other=0.0,
         )  # (BLOCK_DV, BLOCK_N)
-        qk = _dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+        qk = dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
         logits = _logits_base2(
             qk, rows[:, None], cols[None, :], mask_ptr, stride_maskm, stride_maskn,
             seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
         )  # (BLOCK_M, BLOCK_N)
         probs = tl.exp2(logits - row_max[:, None] - log2_row_sum[:, None])
-        grad_probs = _dot(grad_out, v_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+        grad_probs = dot(grad_out, v_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
         if HAS_DROPOUT:
             keep = _dropout_keep(head_seed, rows[:, None], cols[None, :], seqlen_k, dropout_p)
             grad_probs = tl.where(keep, grad_probs * keep_scale, 0.0)
@@ -482,7 +469,7 @@ def _attention_backward_q_kernel(
                 grad_bias_ptr + rows[:, None] * seqlen_k + cols[None, :], grad_logits,
                 mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k),
             )
-        grad_q = _dot(rounded_to(grad_logits, k_ptr, UPCAST_DOTS), tl.trans(k_t), grad_q, EXACT_FP32_DOTS, UPCAST_DOTS)
+        grad_q = dot(rounded_to(grad_logits, k_ptr, UPCAST_DOTS), tl.trans(k_t), grad_q, EXACT_FP32_DOTS, UPCAST_DOTS)
 
     grad_q = grad_q * scale
     tl.store(

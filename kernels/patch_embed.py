@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.triton_utils import INTERPRETING, autotune_configs, rounded_to
+from kernels.triton_utils import INTERPRETING, autotune_configs, dot, rounded_to
 
 
 def _configs(sizes: list[tuple[int, int, int, int, int]], names: tuple[str, str, str]) -> list[triton.Config]:
@@ -108,23 +108,6 @@ def _patch_origin(rows, n_patches, patches_per_row, stride_b, stride_h, stride_w
     return image, patch, origin
 
 
-@triton.jit
-def _dot(a, b, acc, IEEE_FP32: tl.constexpr, INTERPRETING: tl.constexpr):
-    """acc + a @ b in fp32: native fp16/bf16 tensor-core dots; fp32 ones exact when IEEE_FP32.
-
-    The interpreter stores bf16 as uint16 and its dot of two bf16 tiles is garbage, so there the
-    operands are upcast first, which is what the GPU computes anyway: exact products, fp32 sums.
-    """
-    if INTERPRETING:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE_FP32:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
-
 @triton.autotune(configs=_autotuned(_FORWARD_NAMES), key=["n_rows", "dim", "CHANNELS", "PATCH"])
 @triton.jit
 def _patch_embed_forward_kernel(
@@ -166,7 +149,7 @@ def _patch_embed_forward_kernel(
             mask=k_ok[:, None] & col_ok[None, :],
             other=0.0,
         )
-        acc = _dot(patches, weight, acc, IEEE_FP32, INTERPRETING)
+        acc = dot(patches, weight, acc, IEEE_FP32, INTERPRETING)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -239,7 +222,7 @@ def _patch_embed_grad_weight_kernel(
         patches = tl.load(  # (BLOCK_M, BLOCK_K)
             images_ptr + origin[:, None] + pixel[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
         )
-        acc = _dot(grad_t, patches, acc, IEEE_FP32, INTERPRETING)
+        acc = dot(grad_t, patches, acc, IEEE_FP32, INTERPRETING)
 
     out = out_ptr + split * stride_os + dims[:, None] * stride_od
     out += _patch_offsets(ks, stride_oc, stride_oh, stride_ow, CHANNELS, PATCH, CHANNELS_INNER, OUT_RUNS)[None, :]
@@ -283,7 +266,7 @@ def _patch_embed_grad_images_kernel(
         weight = tl.load(  # (BLOCK_D, BLOCK_K)
             weight_ptr + dims[:, None] * stride_wd + weight_col[None, :], mask=dim_ok[:, None] & k_ok[None, :], other=0.0
         )
-        acc = _dot(grad, weight, acc, IEEE_FP32, INTERPRETING)
+        acc = dot(grad, weight, acc, IEEE_FP32, INTERPRETING)
 
     # Patches do not overlap: each pixel belongs to exactly one (row, k), so plain stores, no atomics.
     pixel = _patch_offsets(ks, stride_ic, stride_ih, stride_iw, CHANNELS, PATCH, CHANNELS_INNER, CHANNELS_INNER)

@@ -1,5 +1,5 @@
 """What both Triton kernel files need: whether Triton's interpreter runs them, how to launch,
-and how to round to bf16 the way a GPU does when the interpreter runs them.
+their one dot product, and how to round to bf16 the way a GPU does when the interpreter runs them.
 
 Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a kernel, so this is read once,
 at import, the same moment the kernels are decorated.
@@ -36,3 +36,22 @@ def rounded_to(acc, out_ptr, INTERPRETING: tl.constexpr):
         bits += 0x7FFF + ((bits >> 16) & 1)
         out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return out
+
+
+@triton.jit
+def dot(a, b, acc, IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b, accumulated in fp32: native fp16/bf16 tensor-core dots; fp32 ones exact
+    ("ieee") when IEEE_FP32, TF32 otherwise.
+
+    UPCAST is for the interpreter, which stores bf16 as uint16 and whose dot of two bf16 tiles is
+    garbage: there the operands are upcast first, which is what the GPU computes anyway (exact
+    products, fp32 sums).
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE_FP32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision="tf32")  # for fp16 / bf16 operands the precision is moot
+    return acc

@@ -385,13 +385,12 @@ def transformers_attention(
     for name in ("softcap", "position_bias", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"attn_implementation='{HF_ATTENTION_NAME}': expected no {name}, got one; use 'eager' or 'sdpa'")
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
-    out = dispatch.attention(query, key, value, attention_mask, scale=scaling, dropout_p=dropout, is_causal=is_causal)
+    # Grouped-query attention (fewer key/value heads) as SDPA's enable_gqa: the drop-in handles it.
+    out = dispatch.scaled_dot_product_attention(
+        query, key, value, attention_mask, dropout, is_causal, scaling, enable_gqa=key.shape[1] != query.shape[1]
+    )
     return out.transpose(1, 2).contiguous(), None  # (B, Nq, H, D)
 
 

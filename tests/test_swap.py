@@ -530,3 +530,21 @@ def test_torch_compile_traces_the_swapped_forward(name):
         eager = _logits(model, images)
         compiled = _logits(torch.compile(model, backend="eager", fullgraph=True), images)
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_transformers_attention_grouped_query_heads_match_sdpa(is_causal):
+    # Text models in transformers pass fewer key/value heads (GQA); ours must answer as SDPA's wrapper.
+    pytest.importorskip("transformers")
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from kernels.swap import transformers_attention
+
+    module = nn.Module()
+    module.is_causal, module.num_key_value_groups = is_causal, 3
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 6, 5, 16, dtype=torch.float64, generator=generator)
+    key, value = (torch.randn(2, 2, 5, 16, dtype=torch.float64, generator=generator) for _ in range(2))
+    ours, _ = transformers_attention(module, query, key, value, None, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.3)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)

@@ -3,11 +3,12 @@
     import kernels
     out = kernels.attention(q, k, v, mask=None)           # (B, H, N, D) in, (B, H, N, D) out
     out = kernels.scaled_dot_product_attention(q, k, v)   # torch.nn.functional's, same arguments
+    out = kernels.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k)  # packed (total, H, D), flash-attn's layout
     tokens = kernels.patch_embed(images, conv.weight, conv.bias, cls_token, pos_embed)
-    with kernels.use_backend("einsum"): ...               # or VITRITON_BACKEND=einsum
+    with kernels.use_backend("einsum"): ...               # this thread; VITRITON_BACKEND for the process
     report = kernels.swap(timm_or_torchvision_or_hf_vit)  # our kernels in their model, in place
 
-Triton runs on CUDA tensors, the einsum reference on CPU tensors (see ``kernels.dispatch``).
+Triton runs on CUDA tensors the kernels can take, the einsum fallback otherwise (see ``kernels.dispatch``).
 """
 
 # The kernel modules share their names with the public functions bound below. Importing a
@@ -22,28 +23,28 @@ except ImportError as error:  # pragma: no cover - only where triton is not inst
     if getattr(error, "name", "") != "triton":
         raise
 
-from kernels.dispatch import (  # noqa: E402
+from kernels.dispatch import (
     BACKENDS,
     attention,
+    attention_varlen,
     fused_by_default,
     get_backend,
     patch_embed,
     scaled_dot_product_attention,
-    set_backend,
     use_backend,
 )
-from kernels.swap import SwapReport, register_transformers_attention, swap, unswap  # noqa: E402
+from kernels.swap import SwapReport, register_transformers_attention, swap, unswap
 
 __all__ = [
     "BACKENDS",
     "SwapReport",
     "attention",
+    "attention_varlen",
     "fused_by_default",
     "get_backend",
     "patch_embed",
     "register_transformers_attention",
     "scaled_dot_product_attention",
-    "set_backend",
     "swap",
     "unswap",
     "use_backend",

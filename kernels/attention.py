@@ -18,8 +18,8 @@ recomputing the probabilities from the saved log-sum-exp: no atomics, no (Nq, Nk
 Inputs and layout
 - q, k, v may have any strides (for example views of a fused qkv projection (B, N, 3, H, D)
   permuted to (B, H, N, D)): the kernels take the strides, nothing is made contiguous. The output
-  is allocated in (B, Nq, H, Dv) memory and returned as its (B, H, Nq, Dv) view, the layout the
-  output projection reads as (B, Nq, H * Dv) without a copy.
+  (B, H, Nq, Dv) is allocated with the strides of (B, Nq, H, Dv) memory (not a view: in-place ops
+  on it work), the layout the output projection reads as (B, Nq, H * Dv) without a copy.
 - Any lengths Nq, Nk >= 1 (cross-attention too): the last blocks are masked in the loads (keys past
   the end get a logit of -inf), nothing is padded in memory. The grid is one axis of
   ``row blocks * B * H`` programs, so batch * heads is not bound by CUDA's 65,535 limit of axes 1-2.
@@ -558,8 +558,12 @@ def attention_forward(
     """
     batch, heads, seqlen_q, _ = q.shape
     seqlen_k, head_dim_v = k.shape[2], v.shape[3]
-    # (B, Nq, H, Dv) memory, returned as its (B, H, Nq, Dv) view: what the output projection reads.
-    out = q.new_empty(batch, seqlen_q, heads, head_dim_v).permute(0, 2, 1, 3)
+    # (B, H, Nq, Dv) in (B, Nq, H, Dv) memory, what the output projection reads. Allocated with
+    # those strides rather than permuted, so it is no view and in-place ops on it are allowed.
+    out = torch.empty_strided(
+        (batch, heads, seqlen_q, head_dim_v), (seqlen_q * heads * head_dim_v, head_dim_v, heads * head_dim_v, 1),
+        device=q.device, dtype=q.dtype,
+    )
     stats = torch.empty(2, batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
     mask_ptr, mask_strides, mask_kind = _mask_arguments(q, k, mask)
     seed = dropout_seed if dropout_seed is not None else stats  # unread without dropout
@@ -661,6 +665,16 @@ def _backward(ctx, grad_out, _grad_stats):
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "attention: the Triton kernels' backward has no derivative of its own (double backward, "
+        "e.g. a gradient penalty); run the forward with backend='einsum'"
+    )
+
+
+attention_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def dropout_keep_mask(dropout_seed: torch.Tensor, shape: tuple[int, int, int, int], dropout_p: float) -> torch.Tensor:
     """The bool (B, H, Nq, Nk) keep mask (True = kept) the attention kernels draw from ``dropout_seed``."""
     batch, heads, seqlen_q, seqlen_k = shape
@@ -676,13 +690,11 @@ def dropout_keep_mask(dropout_seed: torch.Tensor, shape: tuple[int, int, int, in
 # The public function.
 
 
-def _check_supported(q, k, v, mask, dropout_p):
+def cannot_take(q, k, v, mask, dropout_p) -> str | None:
+    """Why these (checked) inputs are beyond the kernels, in words, or None if they can take them."""
     for what, dim in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
         if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
-            raise ValueError(
-                f"attention: {what} {dim} is not supported by the Triton kernel; "
-                f"supported: {MIN_HEAD_DIM} to {MAX_HEAD_DIM}; use backend='einsum'"
-            )
+            return f"{what} {dim} is outside the Triton kernels' range, {MIN_HEAD_DIM} to {MAX_HEAD_DIM}"
     seqlen_q, seqlen_k = q.shape[2], k.shape[2]
     tensors = {"q": q, "k": k, "v": v}
     if mask is not None:
@@ -690,9 +702,10 @@ def _check_supported(q, k, v, mask, dropout_p):
     for name, t in tensors.items():
         last_offset = sum((size - 1) * stride for size, stride in zip(t.shape[2:], t.stride()[2:]))
         if last_offset >= 2**31:
-            raise ValueError(f"attention: expected each (batch, head) slice of {name} within 2**31 elements, got {last_offset + 1}")
+            return f"each (batch, head) slice of {name} must span fewer than 2**31 elements for the Triton kernels, got {last_offset + 1}"
     if dropout_p > 0.0 and seqlen_q * seqlen_k >= 2**31:
-        raise ValueError(f"attention: dropout needs Nq * Nk < 2**31, got {seqlen_q} * {seqlen_k}")
+        return f"dropout in the Triton kernels needs Nq * Nk < 2**31, got {seqlen_q} * {seqlen_k}"
+    return None
 
 
 def attention_triton(
@@ -713,7 +726,9 @@ def attention_triton(
     it requires one). ``scale`` defaults to D**-0.5. ``return_dropout_mask=True`` returns
     ``(out, keep)``, ``keep`` the bool (B, H, Nq, Nk) mask of the weights dropout kept, for tests.
     """
-    _check_supported(q, k, v, mask, dropout_p)
+    reason = cannot_take(q, k, v, mask, dropout_p)
+    if reason is not None:
+        raise ValueError(f"attention: {reason}; use backend='einsum'")
     shape = (*q.shape[:3], k.shape[2])
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:
         # An empty output (B, H or Nq of 0) has nothing to compute: no launch, no seed drawn. The

@@ -4,20 +4,24 @@ Three backends:
   ``"triton"``  the fused kernels of ``kernels/attention.py`` and ``kernels/patch_embed.py``;
                 CUDA tensors, or CPU tensors when Triton's interpreter is on
                 (``TRITON_INTERPRET=1``, how the tests run the real kernels without a GPU).
-  ``"einsum"``  the references of ``kernels/reference.py``: any device, any float dtype.
-  ``"auto"``    triton for CUDA tensors of a dtype the kernels take, einsum otherwise, with a
-                one-time warning naming the reason, so a fallback is never silent.
+                Input they cannot take is a one-line error.
+  ``"einsum"``  the CPU fallback of ``kernels/reference.py``: any device, any float dtype, every
+                autograd transform; float16/bfloat16 computed in float32, memory bounded.
+  ``"auto"``    triton where the kernels can take the input (device, dtype, head dim, sizes,
+                autograd mode), einsum otherwise with a one-time warning naming why.
 
-Chosen per call (``backend=``), per module (the ``fused`` flag of the ``vit`` modules: off means
-``"einsum"``), or globally: the environment variable ``VITRITON_BACKEND`` read at import,
-``set_backend(name)``, or ``with use_backend(name):`` for a block. A per-call choice wins over
-the global one.
+The switches, from the narrowest: ``backend=`` per call; ``with use_backend(name):`` for a block
+of code, in this thread or asyncio task only (a ``contextvars`` variable); ``VITRITON_BACKEND``
+for the process, read at import. The ``vit`` modules' ``fused`` flag picks the kernels at build
+time (its default: on unless the backend is "einsum" then); ``fused=False`` always runs einsum.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
+import itertools
 import math
 import numbers
 import os
@@ -32,39 +36,37 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _checked_backend_name(name: str, where: str) -> str:
-    if name not in BACKENDS:
+    if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"{where}: backend must be one of {BACKENDS}, got {name!r}")
     return name
 
 
-_global_backend = _checked_backend_name(os.environ.get("VITRITON_BACKEND", "auto"), "VITRITON_BACKEND")
+# Per thread and per asyncio task: a new thread starts from the process default.
+_PROCESS_BACKEND = _checked_backend_name(os.environ.get("VITRITON_BACKEND", "auto"), "VITRITON_BACKEND")
+_backend = contextvars.ContextVar("vitriton_backend", default=_PROCESS_BACKEND)
 _warned: set[str] = set()
 
 
 def get_backend() -> str:
-    """The backend used by calls that do not name one."""
-    return _global_backend
-
-
-def set_backend(name: str) -> None:
-    """Set the backend used by calls that do not name one: "auto", "triton" or "einsum"."""
-    global _global_backend
-    _global_backend = _checked_backend_name(name, "set_backend")
+    """The backend used here (this thread, this task) by calls that do not name one."""
+    return _backend.get()
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """``with use_backend("einsum"): model(x)`` runs the block on that backend, then restores."""
-    previous = get_backend()
-    set_backend(name)
+    """``with use_backend("einsum"): model(x)`` runs the block on that backend, then restores.
+
+    The choice holds in this thread (and asyncio task) only; other threads keep theirs.
+    """
+    token = _backend.set(_checked_backend_name(name, "use_backend"))
     try:
         yield
     finally:
-        set_backend(previous)
+        _backend.reset(token)
 
 
 def fused_by_default() -> bool:
-    """The default of the ``vit`` modules' ``fused`` flag: on unless the global backend is einsum."""
+    """The default of the ``vit`` modules' ``fused`` flag, read when a module is built."""
     return get_backend() != "einsum"
 
 
@@ -76,11 +78,40 @@ def interpreter_on() -> bool:
 def _warn_once(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"vitriton: using the einsum reference: {reason}", stacklevel=4)
+        warnings.warn(f"vitriton: using the einsum fallback: {reason}", stacklevel=4)
 
 
-def pick_backend(requested: str | None, op: str, tensors: list[torch.Tensor]) -> str:
-    """Resolve ``requested`` (None = the global backend) to "triton" or "einsum" for these tensors."""
+def _autograd_mode_problem(tensors: list[torch.Tensor]) -> str | None:
+    """Why the Triton kernels cannot serve this call's autograd mode, or None.
+
+    Their custom ops have a backward (reverse mode) and run under vmap, but have no forward-mode
+    derivative and no functorch grad rule: ``torch.func.jvp``/``grad``/``vjp``/``jacrev`` and
+    ``torch.autograd.forward_ad`` would otherwise get a zero tangent or a confusing error.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    if torch._C._are_functorch_transforms_active():
+        stack = torch._C._functorch.get_interpreter_stack() or []
+        names = {torch._C._functorch.TransformType.Grad: "torch.func.grad/vjp/jacrev",
+                 torch._C._functorch.TransformType.Jvp: "torch.func.jvp/jacfwd"}
+        used = sorted({names[i.key()] for i in stack if i.key() in names})
+        if used:
+            return f"the Triton kernels have no {' or '.join(used)} rule"
+    if torch.autograd.forward_ad._current_level >= 0 and any(
+        torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors if t is not None
+    ):
+        return "the Triton kernels have no forward-mode derivative (torch.autograd.forward_ad)"
+    return None
+
+
+def pick_backend(
+    requested: str | None, op: str, tensors: list[torch.Tensor], cannot_take=lambda: None
+) -> str:
+    """Resolve ``requested`` (None = this thread's backend) to "triton" or "einsum" for these tensors.
+
+    ``cannot_take()`` gives the kernel's own reason to refuse the input (a head dim or size out of
+    its range), or None. An explicit "triton" raises it; "auto" warns once and runs einsum.
+    """
     name = _checked_backend_name(requested if requested is not None else get_backend(), op)
     if name == "einsum":
         return "einsum"
@@ -96,12 +127,22 @@ def pick_backend(requested: str | None, op: str, tensors: list[torch.Tensor]) ->
             )
         if dtype not in TRITON_DTYPES:
             raise TypeError(f"{op}: the Triton kernels take float16, bfloat16 or float32, got {dtype}; use backend='einsum'")
+        reason = cannot_take()
+        if reason is not None:
+            raise ValueError(f"{op}: {reason}; use backend='einsum' (or 'auto', which falls back to it)")
+        reason = _autograd_mode_problem(tensors)
+        if reason is not None:
+            raise NotImplementedError(f"{op}: {reason}; use backend='einsum' (or 'auto', which falls back to it)")
         return "triton"
     if device.type not in ("cuda", "meta"):
-        _warn_once(f"{op} got tensors on {device}, and the Triton kernels run on CUDA tensors")
-        return "einsum"
-    if dtype not in TRITON_DTYPES:
-        _warn_once(f"{op} got {dtype}, and the Triton kernels take float16, bfloat16 or float32")
+        reason = f"{op} got tensors on {device}, and the Triton kernels run on CUDA tensors"
+    elif dtype not in TRITON_DTYPES:
+        reason = f"{op} got {dtype}, and the Triton kernels take float16, bfloat16 or float32"
+    else:
+        reason = cannot_take() or _autograd_mode_problem(tensors)
+        reason = reason and f"{op}: {reason}"
+    if reason is not None:
+        _warn_once(reason)
         return "einsum"
     return "triton"
 
@@ -137,19 +178,40 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_scalars(op: str, scale, dropout_p, is_causal) -> None:
-    """``scale``: None or any finite number, as PyTorch's SDPA; ``dropout_p`` in [0, 1); ``is_causal`` a bool."""
+def _type_name(value) -> str:
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _as_float(op: str, name: str, value, expected: str) -> float:
+    """A real number as a Python float, one rule for every backend: ints, Fractions, NumPy scalars."""
+    if not _is_real(value):
+        raise TypeError(f"{op}: expected {name} to be {expected}, got {_type_name(value)}")
+    if isinstance(value, float):  # float and its subclasses (numpy.float64); SymFloat under compile
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{op}: expected {name} to be {expected}, got a {_type_name(value)} too large for a float") from None
+
+
+def _check_scalars(op: str, scale, dropout_p, is_causal) -> tuple[float | None, float, bool]:
+    """``scale``: None or any finite number, as PyTorch's SDPA; ``dropout_p`` in [0, 1); ``is_causal`` a bool.
+
+    Returns them as (float or None, float, bool), so both backends see the same values.
+    """
     if scale is not None:
-        if not _is_real(scale):
-            raise TypeError(f"{op}: expected scale to be None or a finite number, got {type(scale).__name__}")
+        scale = _as_float(op, "scale", scale, "None or a finite number")
         if not -math.inf < scale < math.inf:  # not math.isfinite: this form also traces (a SymFloat under compile)
             raise ValueError(f"{op}: expected scale to be None or a finite number, got {scale}")
-    if not _is_real(dropout_p):
-        raise TypeError(f"{op}: expected dropout_p to be a number in [0, 1), got {type(dropout_p).__name__}")
+    dropout_p = _as_float(op, "dropout_p", dropout_p, "a number in [0, 1)")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: expected 0 <= dropout_p < 1, got {dropout_p}")
+    if type(is_causal).__module__ == "numpy" and type(is_causal).__name__ in ("bool", "bool_"):
+        is_causal = bool(is_causal)  # numpy.bool: a bool by another name
     if not isinstance(is_causal, bool):
-        raise TypeError(f"{op}: expected is_causal to be a bool, got {type(is_causal).__name__}")
+        raise TypeError(f"{op}: expected is_causal to be a bool (True or False), got {_type_name(is_causal)}")
+    return scale, dropout_p, is_causal
 
 
 def _check_attention_inputs(op, q, k, v, mask, scale, dropout_p, is_causal):
@@ -188,7 +250,7 @@ def _check_attention_inputs(op, q, k, v, mask, scale, dropout_p, is_causal):
             fits = False
         if not fits:
             raise ValueError(f"{op}: expected a mask broadcastable to (B, H, Nq, Nk) = {target}, got {tuple(mask.shape)}")
-    _check_scalars(op, scale, dropout_p, is_causal)
+    return _check_scalars(op, scale, dropout_p, is_causal)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,23 +262,29 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None = None,
+    *,
     scale: float | None = None,
     dropout_p: float = 0.0,
-    *,
     is_causal: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Scaled multi-head attention: q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) -> (B, H, Nq, Dv).
 
     ``mask`` broadcasts to (B, H, Nq, Nk): bool with True = may attend, or float added to the
-    logits. ``scale`` (default D**-0.5; any finite number, as PyTorch's SDPA takes) multiplies the
-    logits before the softmax. A query row with every key masked returns zeros. ``dropout_p``
-    drops attention weights (pass 0 in eval). Bad input is a one-line TypeError (a wrong type or
+    logits. The rest is keyword-only: ``scale`` (default D**-0.5; any finite real number, as
+    PyTorch's SDPA takes) multiplies the logits before the softmax; ``dropout_p`` drops attention
+    weights (pass 0 in eval); ``is_causal`` masks keys after the query (top-left aligned). A query
+    row with every key masked returns zeros. Bad input is a one-line TypeError (a wrong type or
     dtype) or ValueError (a wrong shape, device or value), whatever the backend.
     """
-    _check_attention_inputs("attention", q, k, v, mask, scale, dropout_p, is_causal)
-    if pick_backend(backend, "attention", [q, k, v]) == "einsum":
-        return reference.attention_reference(q, k, v, mask, scale, dropout_p, is_causal=is_causal)
+    scale, dropout_p, is_causal = _check_attention_inputs("attention", q, k, v, mask, scale, dropout_p, is_causal)
+    from kernels.attention import cannot_take
+
+    def kernel_cannot_take():
+        return cannot_take(q, k, v, mask, dropout_p)
+
+    if pick_backend(backend, "attention", [q, k, v, mask], kernel_cannot_take) == "einsum":
+        return reference.attention_fallback(q, k, v, mask, scale, dropout_p, is_causal=is_causal)
     from kernels.attention import attention_triton
 
     return attention_triton(q, k, v, mask, scale, dropout_p, is_causal=is_causal)
@@ -253,19 +321,25 @@ def scaled_dot_product_attention(
         raise ValueError(
             f"{op}: expected query, key, value of one rank, got {query.dim()}, {key.dim()} and {value.dim()}"
         )
-    if enable_gqa and query.dim() >= 3 and key.shape[-3] != query.shape[-3]:
-        if key.shape[-3] == 0 or query.shape[-3] % key.shape[-3] != 0:
+    if enable_gqa and query.dim() >= 3 and (key.shape[-3] != query.shape[-3] or value.shape[-3] != query.shape[-3]):
+        # As PyTorch: query heads a multiple of key heads and of value heads, each repeated to match.
+        q_heads, k_heads, v_heads = query.shape[-3], key.shape[-3], value.shape[-3]
+        if k_heads == 0 or v_heads == 0 or q_heads % k_heads or q_heads % v_heads:
             raise ValueError(
-                f"{op}: enable_gqa expects query heads divisible by key heads, got {query.shape[-3]} and {key.shape[-3]}"
+                f"{op}: enable_gqa expects query heads divisible by key heads and by value heads, "
+                f"got {q_heads}, {k_heads} and {v_heads} (dim -3 of query {tuple(query.shape)}, "
+                f"key {tuple(key.shape)}, value {tuple(value.shape)})"
             )
-        repeats = query.shape[-3] // key.shape[-3]
-        key = key.repeat_interleave(repeats, dim=-3)
-        value = value.repeat_interleave(repeats, dim=-3)
+        given = (tuple(query.shape), tuple(key.shape), tuple(value.shape))
+        key = key.repeat_interleave(q_heads // k_heads, dim=-3)
+        value = value.repeat_interleave(q_heads // v_heads, dim=-3)
+    else:
+        given = (tuple(query.shape), tuple(key.shape), tuple(value.shape))
     lead = query.shape[:-2]
     if key.shape[:-2] != lead or value.shape[:-2] != lead:
         raise ValueError(
             f"{op}: expected query, key, value with the same leading dims, "
-            f"got {tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}"
+            f"got {given[0]}, {given[1]} and {given[2]}"
         )
     # Bring (..., L, E) to the kernels' (B, H, L, E): views when possible, never for rank 4.
     if query.dim() == 4:
@@ -284,7 +358,7 @@ def scaled_dot_product_attention(
                 mask = to_4d(attn_mask.expand(full)) if attn_mask.dim() > 2 else attn_mask
             except RuntimeError:
                 raise ValueError(f"{op}: expected attn_mask broadcastable to {full}, got {tuple(attn_mask.shape)}") from None
-    out = attention(q, k, v, mask, scale, dropout_p, is_causal=is_causal, backend=backend)
+    out = attention(q, k, v, mask, scale=scale, dropout_p=dropout_p, is_causal=is_causal, backend=backend)
     return out.reshape(*lead, *out.shape[-2:])
 
 
@@ -309,14 +383,7 @@ def patch_embed(
         _check_tensor(op, name, t)
     device_type = images.device.type
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type) and all(t.is_floating_point() for t in present.values()):
-        # Under autocast, do what Conv2d + cat + add do there: project in the autocast dtype, and
-        # return tokens promoted to the class token's and position embedding's dtype (float32
-        # parameters keep the residual stream in float32, as in timm).
-        low = torch.get_autocast_dtype(device_type)
-        out_dtype = functools.reduce(torch.promote_types, [t.dtype for t in (cls_token, pos_embed) if t is not None], low)
-        with torch.autocast(device_type, enabled=False):
-            tokens = patch_embed(*(None if t is None else t.to(low) for t in named.values()), backend=backend)
-        return tokens.to(out_dtype)
+        return _patch_embed_autocast(device_type, named, backend)
     if images.dim() != 4:
         raise ValueError(f"{op}: expected images of shape (B, C, H, W), got {tuple(images.shape)}")
     if weight.dim() != 4 or weight.shape[-1] != weight.shape[-2] or weight.shape[-1] == 0:
@@ -342,8 +409,127 @@ def patch_embed(
                 f"{op}: expected pos_embed of shape (1, {n_tokens}, {dim}) for a {height}x{width} image "
                 f"with patch {patch}{' and a class token' if cls_token is not None else ''}, got {tuple(pos_embed.shape)}"
             )
-    if pick_backend(backend, op, [images]) == "einsum":
+    if pick_backend(backend, op, list(present.values())) == "einsum":
         return reference.patch_embed_reference(images, weight, bias, cls_token, pos_embed)
     from kernels.patch_embed import patch_embed_triton
 
     return patch_embed_triton(images, weight, bias, cls_token, pos_embed)
+
+
+def _patch_embed_autocast(device_type: str, named: dict[str, torch.Tensor | None], backend: str | None) -> torch.Tensor:
+    """``patch_embed`` under autocast, by autocast's own rules for Conv2d, then cat and add.
+
+    Conv2d is a lower-precision op: its float arguments (images, weight, bias) are cast to the
+    autocast dtype, except float64 ones, which autocast leaves alone (so float64 inputs project in
+    float64, and float32 mixed with float64 is refused as outside autocast). ``cat`` with the class
+    token and the add of the position embedding then promote: float32 parameters keep the tokens
+    in float32, as in timm. The kernel adds them in its float32 epilogue, in the projection's dtype.
+    """
+    low = torch.get_autocast_dtype(device_type)
+    conv_args = {name: named[name] for name in ("images", "weight", "bias")}
+    cast = {name: t if t is None or t.dtype == torch.float64 else t.to(low) for name, t in conv_args.items()}
+    _check_same("patch_embed (under autocast, which casts float32 to its dtype and leaves float64)", "dtype", cast)
+    projection_dtype = cast["images"].dtype
+    added = [named[name] for name in ("cls_token", "pos_embed") if named[name] is not None]
+    out_dtype = functools.reduce(torch.promote_types, [t.dtype for t in added], projection_dtype)
+    with torch.autocast(device_type, enabled=False):
+        tokens = patch_embed(
+            cast["images"], cast["weight"], cast["bias"],
+            *(None if named[name] is None else named[name].to(projection_dtype) for name in ("cls_token", "pos_embed")),
+            backend=backend,
+        )
+    return tokens.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed sequences of different lengths (flash-attn's varlen layout).
+
+# cu_seqlens tensors already checked on a GPU, by (data pointer, version): a model's layers share
+# one, so its values are read back (a host sync) once per forward, not once per layer.
+_checked_cu_seqlens: dict[tuple, tuple[int, int]] = {}
+
+
+def _cu_seqlens_facts(op: str, name: str, cu_seqlens: torch.Tensor, total: int) -> tuple[int, int]:
+    """(number of sequences, longest length) of a checked cu_seqlens, read back once."""
+    key = (cu_seqlens.device, cu_seqlens.data_ptr(), cu_seqlens._version, cu_seqlens.numel(), total)
+    if key in _checked_cu_seqlens:
+        return _checked_cu_seqlens[key]
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{op}: expected {name} to start at 0, got {values[0]}")
+    lengths = [b - a for a, b in itertools.pairwise(values)]
+    if any(length < 0 for length in lengths):
+        where = next(i for i, length in enumerate(lengths) if length < 0)
+        raise ValueError(f"{op}: expected {name} non-decreasing, got {values[where]} then {values[where + 1]} at {where}")
+    if values[-1] != total:
+        raise ValueError(f"{op}: expected {name}[-1] to be the packed length {total}, got {values[-1]}")
+    facts = (len(lengths), max(lengths, default=0))
+    if cu_seqlens.device.type != "cpu":
+        if len(_checked_cu_seqlens) > 256:
+            _checked_cu_seqlens.clear()
+        _checked_cu_seqlens[key] = facts
+    return facts
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention within each of several packed sequences: q (total_q, H, D), k (total_k, H, D),
+    v (total_k, H, Dv) -> (total_q, H, Dv), flash-attn's ``flash_attn_varlen_func`` layout.
+
+    Sequence i holds rows ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]`` of q and
+    ``cu_seqlens_k[i]:cu_seqlens_k[i + 1]`` of k and v (int32, length n + 1, starting at 0,
+    non-decreasing, ending at the packed length); its queries attend its keys only. Lengths may
+    be 0 and differ between q and k (a sequence with queries and no keys gives zeros).
+    ``max_seqlen_*`` are the longest lengths; pass them (a model computes them once per batch).
+    None reads them from ``cu_seqlens_*``, a host sync on a GPU. The values of a ``cu_seqlens``
+    are checked the first time that tensor is seen (one sync per forward, not per layer).
+    ``scale``, ``dropout_p`` and ``is_causal`` (top-left aligned per sequence) as ``attention``.
+    """
+    op = "attention_varlen"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(op, name, t)
+        if t.dim() != 3:
+            raise ValueError(f"{op}: expected {name} of shape (total, H, D), got {tuple(t.shape)}")
+    _check_float(op, {"q": q, "k": k, "v": v})
+    _check_same(op, "dtype", {"q": q, "k": k, "v": v})
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _check_tensor(op, name, t)
+        if t.dtype != torch.int32:
+            raise TypeError(f"{op}: expected {name} of dtype torch.int32, got {t.dtype}")
+        if t.dim() != 1 or t.numel() == 0:
+            raise ValueError(f"{op}: expected {name} of shape (number of sequences + 1,), got {tuple(t.shape)}")
+    _check_same(op, "device", {"q": q, "k": k, "v": v, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k})
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"{op}: expected as many query as key sequences, got cu_seqlens_q of {cu_seqlens_q.numel()} "
+            f"and cu_seqlens_k of {cu_seqlens_k.numel()} entries"
+        )
+    if q.shape[1] != k.shape[1] or k.shape[1] != v.shape[1]:
+        raise ValueError(f"{op}: expected q, k, v with the same heads, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2] or q.shape[2] == 0:
+        raise ValueError(f"{op}: expected q and k with the same head dim of at least 1, got q {q.shape[2]} and k {k.shape[2]}")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"{op}: expected k and v of the same packed length, got k {k.shape[0]} and v {v.shape[0]}")
+    scale, dropout_p, is_causal = _check_scalars(op, scale, dropout_p, is_causal)
+    _, longest_q = _cu_seqlens_facts(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    _, longest_k = _cu_seqlens_facts(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    for name, given, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
+        if given is not None and (not isinstance(given, numbers.Integral) or isinstance(given, bool) or given < longest):
+            raise ValueError(f"{op}: expected {name} to be None or an int >= the longest sequence ({longest}), got {given!r}")
+    if pick_backend(backend, op, [q, k, v], lambda: "the Triton varlen kernel is not written yet") == "einsum":
+        return reference.attention_varlen_reference(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, scale, dropout_p, is_causal=is_causal, attend=reference.attention_fallback
+        )
+    raise AssertionError("unreachable: pick_backend refuses the Triton path for attention_varlen")

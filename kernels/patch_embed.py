@@ -456,6 +456,17 @@ def _backward(ctx, grad_tokens):
 patch_embed_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "patch_embed: the Triton kernels' backward has no derivative of its own (double backward); "
+        "run the forward with backend='einsum'"
+    )
+
+
+for _backward_op in (patch_embed_grad_weight, patch_embed_grad_images):
+    _backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 # ---------------------------------------------------------------------------------------------
 # The public function.
 

@@ -9,8 +9,8 @@ so the weights stay the very same Parameter objects, ``state_dict()`` keeps its 
 tensors, checkpoints load and save as before, and other models of the same class are untouched.
 Nothing has to happen before the model is built. The patched forwards are plain functions of
 the module's own attributes (no state is written during a forward), so ``torch.compile`` traces
-them; they are module-level functions bound with ``functools.partial``, so a swapped model still
-deep-copies and pickles.
+them; they are module-level functions bound to the module through a weak reference, so a swapped
+model still deep-copies and pickles, and ``del model`` frees it at once (no reference cycle).
 
 What is recognised (found by class, looked up among the modules already imported: swapping a
 model never imports timm, torchvision or transformers for you):
@@ -25,9 +25,10 @@ model never imports timm, torchvision or transformers for you):
                 registered with transformers' ``AttentionInterface``; ``ViTEmbeddings``.
   vit           ``MultiHeadAttention`` and ``PatchEmbedding``: their ``fused`` flag is turned on.
 
-Anything whose configuration the kernels cannot compute exactly is left alone, and the report
-says why. Everything runs on the global backend (``backend=None``): Triton for CUDA tensors, the
-einsum reference otherwise, as ``kernels.use_backend`` / ``VITRITON_BACKEND`` choose.
+Anything whose configuration the kernels cannot compute exactly, or whose shapes they cannot
+take (a head dim outside 16-256), is left alone, and the report says why. Swapped modules call
+with ``backend=None``: Triton where the kernels can take the input, the einsum fallback
+otherwise, as ``kernels.use_backend`` / ``VITRITON_BACKEND`` choose.
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ import dataclasses
 import functools
 import inspect
 import sys
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kernels import dispatch
+from kernels.attention import MAX_HEAD_DIM, MIN_HEAD_DIM
 
 HF_ATTENTION_NAME = "vitriton"
 _RECORD = "_vitriton_swap"  # the attribute that holds a swapped module's undo record
@@ -151,10 +154,40 @@ def unswap(model: nn.Module) -> list[str]:
     return _restore(model, None)
 
 
-def _bound(function, module: nn.Module):
-    # functools.partial of a module-level function, not a bound method: it pickles by name,
-    # deep-copies with the model (the module is copied through the memo) and dynamo inlines it.
-    return functools.partial(function, module)
+class _BoundForward:
+    """``function`` bound to ``module`` through a weak reference, set as ``module.forward``.
+
+    A strong reference (a bound method, ``functools.partial``) stored in the module's own
+    ``__dict__`` would be a reference cycle: ``del model`` would keep every parameter alive until
+    the garbage collector runs. Deep copies bind the copy (found in deepcopy's memo); pickles
+    store (function, module) and bind again on load; dynamo inlines the call.
+    """
+
+    def __init__(self, function, module: nn.Module):
+        self.function = function
+        self.module_ref = weakref.ref(module)
+        functools.update_wrapper(self, function)
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.module_ref(), *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        module = self.module_ref()
+        return _BoundForward(self.function, memo.get(id(module), module))
+
+    def __reduce__(self):
+        return _BoundForward, (self.function, self.module_ref())
+
+
+def _bound(function, module: nn.Module) -> _BoundForward:
+    return _BoundForward(function, module)
+
+
+def _head_dim_problem(head_dim: int) -> str | None:
+    """The kernels' own limit, checked at swap time so a swapped model never fails later."""
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        return f"head dim {head_dim}: the Triton kernels take {MIN_HEAD_DIM} to {MAX_HEAD_DIM}"
+    return None
 
 
 def _forward_patched_elsewhere(*modules: nn.Module) -> str | None:
@@ -221,7 +254,7 @@ def _timm_attention_problem(module: nn.Module, attention_class) -> str | None:
     for name in ("qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop", "num_heads", "head_dim", "scale"):
         if not hasattr(module, name):
             return f"this timm's Attention has no {name!r}"
-    return _forward_patched_elsewhere(module)
+    return _head_dim_problem(module.head_dim) or _forward_patched_elsewhere(module)
 
 
 def _timm_vit_patch_embed_forward(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -324,7 +357,7 @@ def _multihead_attention_problem(module: nn.MultiheadAttention) -> str | None:
         return "kdim/vdim differ from embed_dim (separate q, k, v projections)"
     if module.bias_k is not None or module.add_zero_attn:
         return "add_bias_kv or add_zero_attn: extra key/value rows the kernel does not add"
-    return _forward_patched_elsewhere(module)
+    return _head_dim_problem(module.head_dim) or _forward_patched_elsewhere(module)
 
 
 def _torchvision_vit_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -551,7 +584,8 @@ class _Walk:
             self.report.already_swapped.append(SwapEntry(path, kind, "built with fused=True"))
             return
         done = ATTENTION_DONE if is_attention else PATCH_EMBED_DONE
-        self._swap(path, module, kind, asked, None, f"{done} (fused=True)", fused=True)
+        problem = _head_dim_problem(module.qkv.in_features // module.num_heads) if is_attention else None
+        self._swap(path, module, kind, asked, problem, f"{done} (fused=True)", fused=True)
 
     def switch_transformers_attention(self) -> None:
         """Point each ViT model's attention implementation at "vitriton"; report every ViTAttention."""
@@ -576,8 +610,13 @@ class _Walk:
             return next((top for top in tops if top == "" or path.startswith(f"{top}.")), None)
 
         swapped_now = set()
+        too_wide = {}  # top model -> why its head dim is beyond the kernels
+        for path, module in layers:
+            problem = _head_dim_problem(module.head_dim)
+            if problem is not None and top_of(path) is not None:
+                too_wide.setdefault(top_of(path), problem)
         for top, pretrained in models.items():
-            if _RECORD in pretrained.__dict__ or pretrained.config._attn_implementation == HF_ATTENTION_NAME:
+            if top in too_wide or _RECORD in pretrained.__dict__ or pretrained.config._attn_implementation == HF_ATTENTION_NAME:
                 continue
             previous = pretrained.config._attn_implementation
             pretrained.set_attn_implementation(HF_ATTENTION_NAME)
@@ -590,7 +629,9 @@ class _Walk:
             swapped_now.add(top)
         for path, module in layers:
             top = top_of(path)
-            if module.config._attn_implementation != HF_ATTENTION_NAME:
+            if top in too_wide:
+                self.report.left_alone.append(SwapEntry(path, kind, too_wide[top]))
+            elif module.config._attn_implementation != HF_ATTENTION_NAME:
                 why = "not inside a transformers ViT model" if top is None else (
                     f"its config's attn_implementation is {module.config._attn_implementation!r}, "
                     "which set_attn_implementation did not change"

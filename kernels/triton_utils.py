@@ -5,6 +5,7 @@ Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a kernel, so this i
 at import, the same moment the kernels are decorated.
 """
 
+import logging
 import os
 
 import triton
@@ -15,6 +16,29 @@ import triton.language as tl
 # bf16 dot operands to fp32 when this is on (a `tl.constexpr`, so the GPU build keeps native
 # bf16 dots). Autotuning in the interpreter would only multiply the run time: one config there.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class _NoDriverWhileTracing(logging.Filter):
+    """Drop torch's warning that it cannot analyse a kernel because this machine has no GPU driver.
+
+    Tracing our custom ops on "meta" tensors (``torch.compile`` of a fused model on a CPU-only
+    machine) makes torch ask Triton for the GPU target to find which arguments a kernel mutates;
+    with no driver Triton raises, and torch logs a 17-line traceback per kernel, then assumes every
+    argument is mutated (harmless: our kernels write only outputs they allocate). That is
+    expected there, so it is not shown; any other warning of that logger still is.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (
+            record.getMessage().startswith("Encountered an exception in identify_accessed_tensors")
+            and isinstance(error, RuntimeError)
+            and "0 active drivers" in str(error)
+        )
+
+
+# torch._higher_order_ops.triton_kernel_wrap logs through the "torch._dynamo" logger.
+logging.getLogger("torch._dynamo").addFilter(_NoDriverWhileTracing())
 
 
 def autotune_configs(configs: list[triton.Config], interpreter_config: triton.Config) -> list[triton.Config]:

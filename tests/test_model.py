@@ -2,6 +2,7 @@
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,22 +54,65 @@ def test_tutorial_preset_has_eight_heads_of_96():
     assert (config.embed_dim, config.num_heads, config.head_dim) == (768, 8, 96)
 
 
+CONFIG_ERRORS = [
+    ({"embed_dim": 100, "num_heads": 3}, ValueError, "embed_dim"),
+    ({"image_size": 100}, ValueError, "image_size"),
+    ({"depth": 0}, ValueError, "depth"),
+    ({"depth": 2.0}, TypeError, "depth"),
+    ({"patch_size": True}, TypeError, "patch_size"),
+    ({"pool": "max"}, ValueError, "pool"),
+    ({"pool": None}, TypeError, "pool"),
+    ({"class_token": False}, ValueError, "pool='token' needs class_token"),
+    ({"dropout": 1.0}, ValueError, "dropout"),
+    ({"dropout": float("nan")}, ValueError, "dropout"),
+    ({"dropout": "0.1"}, TypeError, "dropout"),
+    ({"attn_dropout": float("nan")}, ValueError, "attn_dropout"),
+    ({"attn_dropout": -0.1}, ValueError, "attn_dropout"),
+    ({"attn_dropout": None}, TypeError, "attn_dropout"),
+    ({"patch_embedding": "fft"}, ValueError, "patch_embedding"),
+    ({"patch_embedding": 1}, TypeError, "patch_embedding"),
+    ({"num_classes": -1}, ValueError, "num_classes"),
+    ({"num_classes": True}, TypeError, "num_classes"),
+    ({"num_classes": 10.0}, TypeError, "num_classes"),
+    ({"mlp_ratio": float("nan")}, ValueError, "mlp_ratio"),
+    ({"mlp_ratio": float("inf")}, ValueError, "mlp_ratio"),
+    ({"mlp_ratio": 0.0}, ValueError, "mlp_ratio"),
+    ({"mlp_ratio": 0.001}, ValueError, "mlp_ratio"),  # 768 * 0.001 is a hidden size of 0
+    ({"mlp_ratio": "4"}, TypeError, "mlp_ratio"),
+    ({"mlp_ratio": True}, TypeError, "mlp_ratio"),
+    ({"layer_norm_eps": 0.0}, ValueError, "layer_norm_eps"),
+    ({"layer_norm_eps": -1e-6}, ValueError, "layer_norm_eps"),
+    ({"layer_norm_eps": float("nan")}, ValueError, "layer_norm_eps"),
+    ({"layer_norm_eps": float("inf")}, ValueError, "layer_norm_eps"),
+    ({"layer_norm_eps": "1e-6"}, TypeError, "layer_norm_eps"),
+    ({"qkv_bias": 1}, TypeError, "qkv_bias"),
+    ({"qkv_bias": "no"}, TypeError, "qkv_bias"),
+    ({"class_token": 1}, TypeError, "class_token"),
+]
+
+
 @pytest.mark.parametrize(
-    "overrides, field",
-    [
-        ({"embed_dim": 100, "num_heads": 3}, "embed_dim"),
-        ({"image_size": 100}, "image_size"),
-        ({"depth": 0}, "depth"),
-        ({"pool": "max"}, "pool"),
-        ({"class_token": False}, "pool='token' needs class_token"),
-        ({"dropout": 1.0}, "dropout"),
-        ({"patch_embedding": "fft"}, "patch_embedding"),
-        ({"num_classes": -1}, "num_classes"),
-    ],
+    "overrides, error, field",
+    CONFIG_ERRORS,
+    ids=[", ".join(f"{key}={value!r}" for key, value in overrides.items()) for overrides, _, _ in CONFIG_ERRORS],
 )
-def test_config_errors_name_the_field(overrides, field):
-    with pytest.raises(ValueError, match=field):
+def test_config_errors_name_the_field(overrides, error, field):
+    with pytest.raises(error) as raised:
         ViTConfig(**overrides)
+    message = str(raised.value)
+    assert message.startswith(f"ViTConfig.{field}") and "\n" not in message, message
+    if field in overrides:
+        assert repr(overrides[field]) in message, message  # what came
+
+
+def test_config_takes_numbers_of_any_real_type():
+    config = ViTConfig(mlp_ratio=4, dropout=0, attn_dropout=np.float32(0.1), layer_norm_eps=np.float64(1e-5))
+    assert ViT(config, fused=False, **SMALL).blocks[0].mlp.fc1.out_features == 4 * 64
+
+
+def test_vit_config_must_be_a_vit_config():
+    with pytest.raises(TypeError, match=r"^ViT: expected config to be a ViTConfig, got dict$"):
+        ViT({"depth": 2})
 
 
 def test_unknown_model_name():
@@ -170,24 +214,37 @@ def test_fused_flag_is_a_module_attribute_defaulting_to_the_global_backend():
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_flag_selects_the_path(monkeypatch, fused):
-    calls = {"triton": 0, "einsum": 0}
+    """fused=True: kernels.attention and kernels.patch_embed with backend=None, so the thread's
+    backend decides (Triton here); fused=False: kernels.attention(backend="einsum") and the
+    patch embedding's own nn modules, whatever the thread's backend."""
+    backends = {"attention": [], "patch_embed": []}
+    launches = []
     attention_module = sys.modules["kernels.attention"]
     triton_attention = attention_module.attention_triton
-    einsum_attention = kernels.dispatch.reference.attention_reference
 
-    def count(name, function):
-        def counted(*args, **kwargs):
-            calls[name] += 1
+    def spy(name, function):
+        def spied(*args, **kwargs):
+            backends[name].append(kwargs.get("backend"))
             return function(*args, **kwargs)
 
-        return counted
+        return spied
 
-    monkeypatch.setattr(attention_module, "attention_triton", count("triton", triton_attention))
-    monkeypatch.setattr(kernels.dispatch.reference, "attention_reference", count("einsum", einsum_attention))
+    def launch(*args, **kwargs):
+        launches.append("attention")
+        return triton_attention(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "attention", spy("attention", kernels.attention))
+    monkeypatch.setattr(kernels, "patch_embed", spy("patch_embed", kernels.patch_embed))
+    monkeypatch.setattr(attention_module, "attention_triton", launch)
     model = ViT(fused=fused, **SMALL).to(DEVICE).eval()
     with kernels.use_backend("triton"), torch.no_grad():
         model(torch.rand(1, 3, 32, 32, device=DEVICE))
-    assert calls == ({"triton": 2, "einsum": 0} if fused else {"triton": 0, "einsum": 2})
+    if fused:
+        assert backends == {"attention": [None, None], "patch_embed": [None]}
+        assert launches == ["attention", "attention"]
+    else:
+        assert backends == {"attention": ["einsum", "einsum"], "patch_embed": []}
+        assert launches == []
 
 
 @pytest.mark.parametrize("form", ["conv", "linear"])
@@ -231,3 +288,65 @@ def test_fused_patch_embedding_under_autocast_projects_in_low_precision(monkeypa
     assert seen == [(torch.bfloat16, torch.bfloat16)]
     assert tokens.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(tokens, expected, rtol=0, atol=2e-2)
+
+
+# PyTorch 2.10+ marks torch.jit.script and torch.jit.load deprecated; they still work.
+jit_deprecated = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
+
+
+@jit_deprecated
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"patch_embedding": "linear"}, {"class_token": False, "pool": "mean", "num_classes": 0}],
+    ids=["conv, token", "linear", "mean pool, no head"],
+)
+def test_torch_jit_script_of_the_reference_path_equals_eager(tmp_path, overrides):
+    # Before: "Unknown type annotation: 'Final[bool]' at" and no location, then einops
+    # functions, the dataclass config and kernels.attention, none of which TorchScript compiles.
+    torch.manual_seed(0)
+    model = ViT(fused=False, **{**SMALL, **overrides}).eval()
+    images = torch.rand(2, 3, 32, 32)
+    tokens = model.patch_embed.num_prefix_tokens + 4  # a 2 x 2 grid of patches
+    mask = torch.rand(2, 1, tokens, tokens) > 0.3
+    mask[:, :, 0] = False  # a query with every key masked: zeros, not NaN, on both paths
+    bias = torch.randn(2, 1, tokens, tokens)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(images), model(images))
+        torch.testing.assert_close(scripted(images, mask), model(images, mask))
+        torch.testing.assert_close(scripted(images, bias), model(images, bias))
+        # Another image size: the position embeddings are resampled in TorchScript too.
+        other_size = torch.rand(1, 3, 48, 64)
+        torch.testing.assert_close(scripted(other_size), model(other_size))
+    path = tmp_path / "vit.pt"
+    scripted.save(str(path))  # no Python calls left in the graph
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(path))(images), model(images))
+
+
+@jit_deprecated
+def test_torch_jit_script_of_a_preset_equals_eager():
+    torch.manual_seed(0)
+    model = vit.create_model("vit_tiny_patch16_224", fused=False, depth=2).eval()
+    images = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(images), model(images))
+
+
+@jit_deprecated
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda: ViT(fused=True, **SMALL), "ViT"),
+        (lambda: MultiHeadAttention(32, 4, fused=True), "MultiHeadAttention"),
+        (lambda: PatchEmbedding(32, 16, 3, 24, fused=True), "PatchEmbedding"),
+    ],
+    ids=["ViT", "MultiHeadAttention", "PatchEmbedding"],
+)
+def test_torch_jit_script_of_a_fused_module_is_one_clear_line(build, name):
+    with pytest.raises(RuntimeError) as raised:
+        torch.jit.script(build())
+    assert str(raised.value) == (
+        f"{name}(fused=True): torch.jit.script supports fused=False models; "
+        "build with fused=False or use torch.compile"
+    )

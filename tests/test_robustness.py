@@ -135,12 +135,12 @@ ATTENTION_ERRORS = [
     ("scale-nan", lambda q, k, v: {"scale": NAN}, ValueError, "scale to be None or a finite number, got nan"),
     ("scale-inf", lambda q, k, v: {"scale": -INF}, ValueError, "scale to be None or a finite number, got -inf"),
     ("scale-str", lambda q, k, v: {"scale": "0.5"}, TypeError, "scale to be None or a finite number, got str"),
-    ("scale-tensor", lambda q, k, v: {"scale": torch.tensor(0.5)}, TypeError, "scale to be None or a finite number, got Tensor"),
+    ("scale-tensor", lambda q, k, v: {"scale": torch.tensor(0.5)}, TypeError, "scale to be None or a finite number, got torch.Tensor"),
     ("scale-bool", lambda q, k, v: {"scale": True}, TypeError, "scale to be None or a finite number, got bool"),
     ("dropout-1", lambda q, k, v: {"dropout_p": 1.0}, ValueError, r"expected 0 <= dropout_p < 1, got 1.0"),
     ("dropout-nan", lambda q, k, v: {"dropout_p": NAN}, ValueError, r"expected 0 <= dropout_p < 1, got nan"),
     ("dropout-str", lambda q, k, v: {"dropout_p": "0.1"}, TypeError, r"dropout_p to be a number in \[0, 1\), got str"),
-    ("is_causal-str", lambda q, k, v: {"is_causal": "yes"}, TypeError, "is_causal to be a bool, got str"),
+    ("is_causal-str", lambda q, k, v: {"is_causal": "yes"}, TypeError, r"is_causal to be a bool \(True or False\), got str"),
 ]
 
 
@@ -176,7 +176,7 @@ def test_triton_head_dim_error_does_not_depend_on_the_batch(head_dim, shape):
     batch, heads, n_queries = shape
     q, k, v = qkv(batch, heads, n_queries, 5, head_dim)
     one_line_error(
-        ValueError, f"head dim {head_dim} is not supported by the Triton kernel; supported: 16 to 256",
+        ValueError, f"head dim {head_dim} is outside the Triton kernels' range, 16 to 256",
         kernels.attention, q, k, v, backend="triton",
     )
     assert kernels.attention(q, k, v, backend="einsum").shape == (batch, heads, n_queries, head_dim)
@@ -191,9 +191,9 @@ SDPA_ERRORS = [
      r"same leading dims, got \(2, 5, 16\), \(4, 5, 16\) and \(2, 5, 16\)"),
     ("gqa-not-divisible", lambda q, k, v: {"query": torch.cat([q, q[:1]])[None], "key": k[None], "value": v[None],
                                            "enable_gqa": True}, ValueError,
-     "enable_gqa expects query heads divisible by key heads, got 3 and 2"),
+     "enable_gqa expects query heads divisible by key heads and by value heads, got 3, 2 and 2"),
     ("gqa-no-key-heads", lambda q, k, v: {"query": q[None], "key": k[None, :0], "value": v[None, :0], "enable_gqa": True},
-     ValueError, "enable_gqa expects query heads divisible by key heads, got 2 and 0"),
+     ValueError, "enable_gqa expects query heads divisible by key heads and by value heads, got 2, 0 and 0"),
     ("mask-shape", lambda q, k, v: {"attn_mask": torch.ones(3, 5, 5, dtype=torch.bool, device=q.device)}, ValueError,
      r"attn_mask broadcastable to \(2, 5, 5\), got \(3, 5, 5\)"),
     ("mask-rank", lambda q, k, v: {"attn_mask": torch.ones(1, 1, 5, 5, dtype=torch.bool, device=q.device)}, ValueError,
@@ -326,9 +326,7 @@ def test_cli_bad_input_is_one_line_on_stderr_and_a_failing_exit(tmp_path):
 
 @pytest.fixture
 def cli(monkeypatch, capsys):
-    """Run ``python -m vit``'s main in this process: (exit code, stderr). main() sets the global
-    backend, so it is put back after the test."""
-    monkeypatch.setattr(dispatch, "_global_backend", dispatch.get_backend())
+    """Run ``python -m vit``'s main in this process: (exit code, stderr)."""
 
     def run(*arguments: str):
         code = vit_main.main([*arguments, "--backend", "einsum"])
@@ -503,9 +501,9 @@ def largest_allocation(function) -> int:
 @pytest.mark.skipif(ON_GPU, reason="the GPU test below measures CUDA memory at N = 16,384")
 def test_long_sequence_memory_is_linear_in_n(monkeypatch):
     """N = 4,096 (B = H = 1, D = 16) through the Triton path: the forward saves O(N) tensors for
-    the backward and allocates nothing of N * N bytes, where the einsum reference allocates its
-    (N, N) logits (so the probe does see such an allocation). Rows of the output checked against
-    the reference (rows are independent without a mask)."""
+    the backward and allocates nothing of N * N bytes, where the plain einsum reference allocates
+    its (N, N) logits (so the probe does see such an allocation). Rows of the output checked
+    against the reference (rows are independent without a mask)."""
     n = 4096
     long_sequence_configs(monkeypatch, 512)
     q, k, v = (t.requires_grad_() for t in qkv(1, 1, n, n, 16, device="cpu"))
@@ -516,7 +514,7 @@ def test_long_sequence_memory_is_linear_in_n(monkeypatch):
     out = outputs[0]
     assert saved and max(saved) <= 2 * n * 16, saved  # q, k, v, out, the (2, B, H, N) statistics
     assert peak < n * n, f"an allocation of {peak} bytes: (N, N) is {n * n} elements"
-    assert largest_allocation(lambda: kernels.attention(q, k, v, backend="einsum")) >= 4 * n * n
+    assert largest_allocation(lambda: attention_reference(q, k, v)) >= 4 * n * n
     rows = torch.arange(0, n, 97)
     with torch.no_grad():
         q_rows, k64, v64 = q.detach()[:, :, rows], k.detach().double(), v.detach().double()
@@ -951,7 +949,7 @@ class Placed:
 
 
 def test_auto_with_float64_on_cuda_says_why_once(fresh_warnings):
-    with pytest.warns(UserWarning, match=r"einsum reference: attention got torch.float64, and the Triton kernels "
+    with pytest.warns(UserWarning, match=r"einsum fallback: attention got torch.float64, and the Triton kernels "
                                          r"take float16, bfloat16 or float32") as record:
         assert dispatch.pick_backend("auto", "attention", [Placed("cuda", f64)]) == "einsum"
     assert len(record) == 1
@@ -977,7 +975,7 @@ def test_auto_on_cpu_says_why_once_through_the_public_functions(fresh_warnings, 
         "patch_embed": lambda: kernels.patch_embed(images, weight, backend="auto"),
     }
     for op, call in calls.items():
-        with pytest.warns(UserWarning, match=f"vitriton: using the einsum reference: {op} got tensors on cpu") as record:
+        with pytest.warns(UserWarning, match=f"vitriton: using the einsum fallback: {op} got tensors on cpu") as record:
             call()
         assert len(record) == 1 and record[0].filename == __file__
         with warnings.catch_warnings():

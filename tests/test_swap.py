@@ -513,7 +513,7 @@ def test_a_swapped_model_copies_and_stays_swapped(how, kernel_calls):
     swap(model)
     clone = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
     # The copy's patch embedding reads the copy's class token, not the original's.
-    assert clone.patch_embed.forward.args[0] is clone
+    assert clone.patch_embed.forward.module_ref() is clone
     with torch.no_grad(), kernels.use_backend("einsum"):
         assert torch.equal(_logits(clone.eval(), images), _logits(model.eval(), images))
     assert kernel_calls == {"attention": 2 * DEPTH, "patch_embed": 2}

@@ -4,32 +4,111 @@ The tutorial's pipeline on one image (the shipped cat by default): load it, cut 
 patches, embed them, run the encoder, and print the shape after each step, the model summary
 and the top-5 logits. With CUDA, the fused and the reference backends run side by side.
 The weights are random (there is no model hub here), so the classes mean nothing yet.
+
+Bad input (an image that is missing, unreadable or too large, a batch below 1 or too big for
+the free memory) ends in one line on stderr and exit status 2. The backend holds for this
+thread during the run (``kernels.use_backend``), so ``main()`` leaves no global state behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
+from pathlib import Path
 
 import torch
 from einops import rearrange
 
 import kernels
-from vit.image import CAT_PATH, load_image
-from vit.model import PRESETS, create_model
+from vit.image import CAT_PATH, image_size, load_image
+from vit.model import PRESETS, ViTConfig, create_model
 from vit.summary import count_parameters, summary
+
+GiB = 2**30
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m vit", description=__doc__.split("\n\n")[1])
-    parser.add_argument("image", nargs="?", default=None, help=f"an image file (default: the shipped cat, {CAT_PATH})")
+    parser.add_argument("images", nargs="*", metavar="IMAGE",
+                        help=f"image files (default: the shipped cat, {CAT_PATH}); several run packed in one sequence")
+    parser.add_argument("--native", action="store_true",
+                        help="keep each image's own size, rounded to the patch size, and pack them (NaViT-style)")
     parser.add_argument("--model", default="vit_base_patch16_224", choices=list(PRESETS), metavar="NAME",
                         help="a preset: " + ", ".join(PRESETS))
     parser.add_argument("--backend", default="auto", choices=kernels.BACKENDS,
                         help="triton (fused, CUDA), einsum (reference), auto (triton on CUDA, einsum on CPU)")
     parser.add_argument("--batch", type=int, default=1, help="repeat the image into a batch of N (default 1)")
     return parser.parse_args(argv)
+
+
+def fail(message: str) -> int:
+    print(f"python -m vit: {message}", file=sys.stderr)
+    return 2
+
+
+def bytes_per_image(config: ViTConfig) -> int:
+    """The memory one image of the batch needs at least, in bytes: what is alive at once when
+    the first block's GELU runs, in float32. The patches, the tokens and the attention output
+    kept for printing, the residual stream and its norm (E wide each), the MLP's first layer
+    and its GELU (hidden wide each). The real peak is higher (temporaries, the allocator's
+    fragmentation): 1.5 to 5 times this on the CPU (tests/test_main.py), so a batch this
+    refuses cannot run, and one it lets through may still run out (caught in ``main``).
+    """
+    tokens = config.num_patches + int(config.class_token)
+    hidden = int(config.embed_dim * config.mlp_ratio)
+    pixels = config.in_channels * config.image_size**2
+    return 4 * (pixels + tokens * (4 * config.embed_dim + 2 * hidden))
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes free for new tensors on the device; None where that cannot be told."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    free = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free.append(int(line.split()[1]) * 1024)
+    except OSError:  # not Linux
+        pass
+    try:  # a container's own limit (cgroup v2), which MemAvailable does not show
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(free) if free else None
+
+
+def memory_problem(name: str, batch: int, device: str) -> str | None:
+    """Why the batch cannot fit in the free memory, found before any work; None if it may.
+
+    Without this a batch far too big ends in a traceback from the allocator or, where Linux
+    overcommits memory, in the kernel's OOM killer ending the process without a word.
+    """
+    free = free_memory(device)
+    if free is None:
+        return None
+    with torch.device("meta"):  # the parameter count without allocating the parameters
+        weights = 4 * count_parameters(create_model(name, fused=False))
+    if device == "cuda":
+        weights *= 2  # the reference model runs beside the fused one
+    needed = weights + batch * bytes_per_image(PRESETS[name])
+    if needed <= free:
+        return None
+    return (
+        f"--batch {batch} needs at least {needed / GiB:.1f} GiB for {name} on {device}, "
+        f"but {free / GiB:.1f} GiB is free: use a smaller --batch"
+    )
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an error is a failed allocation: CUDA's, Python's, or PyTorch's CPU allocator's."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return any(words in str(error) for words in ("DefaultCPUAllocator", "not enough memory", "out of memory"))
 
 
 def time_forward(model: torch.nn.Module, images: torch.Tensor, repeats: int = 10) -> float:
@@ -46,26 +125,50 @@ def time_forward(model: torch.nn.Module, images: torch.Tensor, repeats: int = 10
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.image = args.images[0] if args.images else None
     if args.batch < 1:
-        print(f"python -m vit: --batch must be at least 1, got {args.batch}", file=sys.stderr)
-        return 2
-    kernels.set_backend(args.backend)
+        return fail(f"--batch must be at least 1, got {args.batch}")
+    packed = args.native or len(args.images) > 1
+    if packed and args.batch != 1:
+        return fail("--batch repeats one image; with several images or --native each image runs once, packed")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and args.backend == "triton":
+        return fail("--backend triton needs a CUDA GPU, and none is present")
+    problem = memory_problem(args.model, args.batch, device)
+    if problem:
+        return fail(problem)
+    config = PRESETS[args.model]
+    try:
+        if packed:
+            images = [load_image(path, size=native_size(path, config.patch_size) if args.native else config.image_size)
+                      for path in args.images or [None]]
+        else:
+            image = load_image(args.image, size=config.image_size)
+    except (OSError, ValueError, ImportError) as error:  # missing, unreadable, a directory, not an image, too large
+        return fail(str(error))
     if device == "cpu":
-        if args.backend == "triton":
-            print("python -m vit: --backend triton needs a CUDA GPU, and none is present", file=sys.stderr)
-            return 2
         print("No CUDA device: the einsum reference path runs (the Triton kernels need a GPU; "
               "the tests run them on the CPU through TRITON_INTERPRET=1).")
-    config = PRESETS[args.model]
+
+    with kernels.use_backend(args.backend):
+        try:
+            if packed:
+                run_packed(args, config, images, device)
+            else:
+                run(args, config, image, device)
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+            if not out_of_memory(error):
+                raise
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            return fail(f"--batch {args.batch} ran out of memory on {device} ({reason}); try a smaller --batch")
+    return 0
+
+
+def run(args: argparse.Namespace, config: ViTConfig, image: torch.Tensor, device: str) -> None:
+    """The tutorial's pipeline on ``image`` (1, 3, H, W), printed step by step."""
     torch.manual_seed(0)
 
     # 1. The image, resized, as a batch: (B, 3, H, W).
-    try:
-        image = load_image(args.image, size=config.image_size)
-    except (OSError, ValueError, ImportError) as error:  # missing, unreadable, a directory, not an image
-        print(f"python -m vit: {error}", file=sys.stderr)
-        return 2
     images = image.expand(args.batch, -1, -1, -1).to(device)
     print(f"1. image {args.image or CAT_PATH}: {tuple(images.shape)}")
 
@@ -105,7 +208,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nfused vs reference: max abs difference {difference:.3e}")
         print(f"  time per forward (batch {args.batch}): fused {fused_time * 1e3:.2f} ms, "
               f"reference {reference_time * 1e3:.2f} ms")
-    return 0
+
+
+def native_size(path: str | None, patch: int) -> tuple[int, int]:
+    """The image's upright (height, width), each rounded to the nearest multiple of ``patch`` (halves up, at least one)."""
+    height, width = image_size(path)
+    return tuple(max(patch, int(side / patch + 0.5) * patch) for side in (height, width))
+
+
+def run_packed(args: argparse.Namespace, config: ViTConfig, images: list[torch.Tensor], device: str) -> None:
+    """Several images of different sizes in one packed sequence: each attends only to itself."""
+    model = create_model(args.model, fused=device == "cuda" and args.backend != "einsum").to(device).eval()
+    images = [image.to(device) for image in images]
+    p, prefix = config.patch_size, int(config.class_token)
+    lengths = [prefix + (image.shape[-2] // p) * (image.shape[-1] // p) for image in images]
+    print(f"packing {len(images)} images, {p}x{p} patches, one sequence of {sum(lengths)} tokens:")
+    start = 0
+    for path, image, length in zip(args.images or [CAT_PATH], images, lengths):
+        print(f"  {path}: {tuple(image.shape[-2:])} -> {length} tokens, rows {start}:{start + length}")
+        start += length
+    print(f"  cu_seqlens = {[0, *itertools.accumulate(lengths)]}: one attention_varlen call per layer ({config.depth})")
+    with torch.no_grad():
+        started = time.perf_counter()
+        logits = model(images)  # (images, num_classes)
+        seconds = time.perf_counter() - started
+    print(f"logits: {tuple(logits.shape)} in {seconds * 1e3:.1f} ms (random weights, so the classes mean nothing yet)")
+    for path, row in zip(args.images or [CAT_PATH], logits):
+        top = row.float().softmax(-1).topk(5)
+        print(f"  {path}: top-5 classes {top.indices.tolist()}")
 
 
 if __name__ == "__main__":

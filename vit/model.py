@@ -7,32 +7,41 @@
       -> final norm, the class token (or the mean of the patch tokens), a Linear head
     logits (B, num_classes)
 
-One flag, ``fused``, picks the path: on, attention and the patch projection go through
-``kernels`` (fused Triton kernels on CUDA tensors); off, the einsum reference and the
-tutorial's nn modules. It is a constructor argument and a typed module attribute, as timm's
-``fused_attn`` is; its default is ``kernels.fused_by_default()`` (set with VITRITON_BACKEND).
-Parameter names follow timm's where they mean the same thing (``qkv``, ``proj``, ``norm1``,
-``mlp.fc1``, ...), so timm checkpoints map onto this model almost one to one.
+One flag, ``fused``, picks the path. A module built with ``fused=True`` calls ``kernels.attention``
+and ``kernels.patch_embed`` with ``backend=None``: the backend of the calling thread decides
+(``kernels.use_backend(name)``, else ``VITRITON_BACKEND``; "auto" is Triton where it can take the
+input). With ``fused=False`` attention calls ``kernels.attention(..., backend="einsum")``, the
+einsum reference, and the patch embedding runs the tutorial's nn modules. The flag is a
+constructor argument kept as a typed attribute (``fused: Final[bool]``), as timm's
+``fused_attn`` is; its default is ``kernels.fused_by_default()``, read when the module is built.
+``torch.jit.script`` compiles ``fused=False`` models (the einsum reference written out below);
+a fused one refuses in one line. Parameter names follow timm's where they mean the same thing
+(``qkv``, ``proj``, ``norm1``, ``mlp.fc1``, ...), so timm checkpoints map onto this model.
 """
 
-from __future__ import annotations
-
 import dataclasses
+import itertools
 import math
+import numbers
 from typing import Final
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
 from einops.layers.torch import Rearrange
 from torch import nn
 
 import kernels
+from kernels.reference import safe_softmax
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-    """The shape of a ViT. Every field is checked; a bad one is a ValueError naming it."""
+    """The shape of a ViT. Every field is checked: a wrong type is a TypeError naming it, a bad
+    value a ValueError. Real-valued fields take any real number but bool and are stored as floats."""
 
     image_size: int = 224  # the side the position embeddings are made for
     patch_size: int = 16
@@ -53,10 +62,35 @@ class ViTConfig:
     def __post_init__(self):
         for name in ("image_size", "patch_size", "in_channels", "embed_dim", "depth", "num_heads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"ViTConfig.{name} must be a positive int, got {value!r}")
+            if value <= 0:
                 raise ValueError(f"ViTConfig.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool):
+            raise TypeError(f"ViTConfig.num_classes must be an int >= 0, got {self.num_classes!r}")
+        if self.num_classes < 0:
             raise ValueError(f"ViTConfig.num_classes must be an int >= 0, got {self.num_classes!r}")
+        for name in ("qkv_bias", "class_token"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"ViTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name, expected, ok in (
+            ("mlp_ratio", "a positive finite number", lambda x: 0 < x < math.inf),
+            ("layer_norm_eps", "a positive finite number", lambda x: 0 < x < math.inf),
+            ("dropout", "a number in [0, 1)", lambda x: 0 <= x < 1),
+            ("attn_dropout", "a number in [0, 1)", lambda x: 0 <= x < 1),
+        ):
+            value = getattr(self, name)
+            if not _is_real(value):
+                raise TypeError(f"ViTConfig.{name} must be {expected}, got {value!r}")
+            if not ok(value):  # NaN fails every comparison
+                raise ValueError(f"ViTConfig.{name} must be {expected}, got {value!r}")
+            object.__setattr__(self, name, float(value))  # an int or NumPy number stored as a float
+        for name, choices in (("pool", ("token", "mean")), ("patch_embedding", ("conv", "linear"))):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TypeError(f"ViTConfig.{name} must be {choices[0]!r} or {choices[1]!r}, got {value!r}")
+            if value not in choices:
+                raise ValueError(f"ViTConfig.{name} must be {choices[0]!r} or {choices[1]!r}, got {value!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"ViTConfig.embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
@@ -65,17 +99,13 @@ class ViTConfig:
             raise ValueError(
                 f"ViTConfig.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
             )
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"ViTConfig.mlp_ratio must be positive, got {self.mlp_ratio!r}")
-        for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"ViTConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.pool not in ("token", "mean"):
-            raise ValueError(f"ViTConfig.pool must be 'token' or 'mean', got {self.pool!r}")
+        if int(self.embed_dim * self.mlp_ratio) < 1:
+            raise ValueError(
+                f"ViTConfig.mlp_ratio ({self.mlp_ratio!r}) times embed_dim ({self.embed_dim}) must give an MLP "
+                "of at least 1 unit"
+            )
         if self.pool == "token" and not self.class_token:
             raise ValueError("ViTConfig.pool='token' needs class_token=True; use pool='mean' without one")
-        if self.patch_embedding not in ("conv", "linear"):
-            raise ValueError(f"ViTConfig.patch_embedding must be 'conv' or 'linear', got {self.patch_embedding!r}")
 
     @property
     def head_dim(self) -> int:
@@ -96,12 +126,27 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_p
     The class token's embedding has no place in the grid, so it is kept apart and unchanged.
     """
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    side = math.isqrt(grid.shape[1])
-    if tuple(new_grid) == (side, side):
+    side = int(math.sqrt(grid.shape[1]) + 0.5)  # the grid it was made for is square
+    height, width = new_grid[0], new_grid[1]
+    if height == side and width == side:
         return pos_embed
-    grid = rearrange(grid, "() (h w) e -> () e h w", h=side)
-    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
-    return torch.cat([prefix, rearrange(grid, "() e h w -> () (h w) e")], dim=1)
+    embed_dim = grid.shape[2]
+    grid = grid.reshape(1, side, side, embed_dim).permute(0, 3, 1, 2)  # (1, E, h, w)
+    grid = F.interpolate(grid.float(), size=[height, width], mode="bicubic", align_corners=False).to(pos_embed.dtype)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, height * width, embed_dim)  # (1, h' * w', E)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def _refuse_script_when_fused(module: nn.Module) -> nn.Module:
+    """``torch.jit.script`` calls this on every module before compiling it (as
+    ``__prepare_scriptable__``): the kernels' Python checks and the per-thread backend do not
+    compile, so a fused module says so in one line instead of a TorchScript trace."""
+    if module.fused:
+        raise RuntimeError(
+            f"{type(module).__name__}(fused=True): torch.jit.script supports fused=False models; "
+            "build with fused=False or use torch.compile"
+        )
+    return module
 
 
 class PatchEmbedding(nn.Module):
@@ -114,6 +159,7 @@ class PatchEmbedding(nn.Module):
     """
 
     fused: Final[bool]
+    __prepare_scriptable__ = _refuse_script_when_fused
 
     def __init__(
         self,
@@ -160,22 +206,25 @@ class PatchEmbedding(nn.Module):
         return resample_pos_embed(self.pos_embed, (height // p, width // p), self.num_prefix_tokens)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"PatchEmbedding: expected images to be a tensor, got {type(images).__name__}")
-        if images.dim() != 4 or images.shape[1] != self.in_channels:
-            raise ValueError(
-                f"PatchEmbedding: expected images (B, {self.in_channels}, H, W), got {tuple(images.shape)}"
-            )
-        if not images.is_floating_point():
-            raise TypeError(f"PatchEmbedding: expected floating-point images (uint8 ones: .float() / 255), got {images.dtype}")
+        if not torch.jit.is_scripting():  # TorchScript checks the types itself, and has no tuple(shape)
+            _check_images(images, self.in_channels)
         pos_embed = self.pos_embed_for(images.shape[-2], images.shape[-1])  # (1, [1 +] N, E)
         if self.fused:
             return kernels.patch_embed(images, self.conv_weight(), self.proj.bias, self.cls_token, pos_embed)
         tokens = self.flatten(self.proj(self.patches(images)))  # (B, N, E)
         if self.cls_token is not None:
-            cls_tokens = repeat(self.cls_token, "() n e -> b n e", b=images.shape[0])
+            cls_tokens = self.cls_token.expand(images.shape[0], -1, -1)  # (B, 1, E)
             tokens = torch.cat([cls_tokens, tokens], dim=1)  # (B, 1 + N, E)
         return tokens + pos_embed  # out of place, broadcast over the batch
+
+
+def _check_images(images, in_channels: int) -> None:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"PatchEmbedding: expected images to be a tensor, got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != in_channels:
+        raise ValueError(f"PatchEmbedding: expected images (B, {in_channels}, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"PatchEmbedding: expected floating-point images (uint8 ones: .float() / 255), got {images.dtype}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +239,7 @@ class MultiHeadAttention(nn.Module):
     """
 
     fused: Final[bool]
+    __prepare_scriptable__ = _refuse_script_when_fused
 
     def __init__(
         self,
@@ -205,28 +255,72 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"MultiHeadAttention: emb_size {emb_size} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.scale = (emb_size // num_heads) ** -0.5
-        self.attn_dropout = attn_dropout
+        self.attn_dropout = float(attn_dropout)
         self.fused = kernels.fused_by_default() if fused is None else fused
         self.qkv = nn.Linear(emb_size, 3 * emb_size, bias=qkv_bias)
+        # Views into qkv, (3, B, H, N, D): the kernels read q, k and v in place, strides and all.
+        self.split_heads = Rearrange("b n (three h d) -> three b h n d", three=3, h=num_heads)
+        self.merge_heads = Rearrange("b h n d -> b n (h d)")
         self.proj = nn.Linear(emb_size, emb_size)
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"MultiHeadAttention: expected tokens to be a tensor, got {type(x).__name__}")
-        if x.dim() != 3 or x.shape[-1] != self.qkv.in_features:
-            raise ValueError(f"MultiHeadAttention: expected tokens (B, N, {self.qkv.in_features}), got {tuple(x.shape)}")
-        qkv = self.qkv(x)  # (B, N, 3 * E)
-        # Views into qkv, (B, H, N, D) each: the kernels read them in place, strides and all.
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        out = kernels.attention(
-            q, k, v, mask,
-            scale=self.scale,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            backend=None if self.fused else "einsum",
-        )  # (B, H, N, D)
-        out = rearrange(out, "b h n d -> b n (h d)")  # (B, N, E)
-        return self.proj_drop(self.proj(out))
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """``cu_seqlens`` (int32, images + 1): x is (1, total, E), several images' tokens packed
+        one after another, and each image's tokens attend only to each other (``ViT.forward_packed``)."""
+        if not torch.jit.is_scripting():  # TorchScript checks the types itself, and has no tuple(shape)
+            _check_tokens(x, self.qkv.in_features)
+        q, k, v = self.split_heads(self.qkv(x)).unbind(0)  # (B, H, N, D) each
+        if cu_seqlens is not None and not torch.jit.is_scripting():
+            if mask is not None:
+                raise ValueError("MultiHeadAttention: expected a mask or cu_seqlens, got both")
+            q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # (total, H, D) each: views
+            out = kernels.attention_varlen(
+                q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                scale=self.scale,
+                dropout_p=self.attn_dropout if self.training else 0.0,
+                backend=None if self.fused else "einsum",
+            )  # (total, H, D)
+            out = out.transpose(0, 1).unsqueeze(0)  # (1, H, total, D)
+        elif torch.jit.is_scripting():  # only fused=False gets here: see _refuse_script_when_fused
+            out = self.einsum_attention(q, k, v, mask)
+        else:
+            out = kernels.attention(
+                q, k, v, mask,
+                scale=self.scale,
+                dropout_p=self.attn_dropout if self.training else 0.0,
+                backend=None if self.fused else "einsum",
+            )  # (B, H, N, D)
+        return self.proj_drop(self.proj(self.merge_heads(out)))  # (B, N, E)
+
+    def einsum_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """What ``kernels.attention(backend="einsum")`` computes, written out for TorchScript, which
+        cannot compile the kernels' Python: float16 and bfloat16 in float32, a bool mask's False
+        as -inf, a float mask added to the scaled logits, zeros for a query with every key masked
+        (``safe_softmax``), the output in v's dtype. Dropout is ``F.dropout``'s own draw."""
+        compute = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
+        energy = torch.einsum("bhqd, bhkd -> bhqk", q.to(compute), k.to(compute)) * self.scale  # (B, H, N, N)
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                energy = energy.masked_fill(~mask, float("-inf"))
+            else:
+                energy = energy + mask.to(compute)
+        att = F.dropout(safe_softmax(energy), self.attn_dropout, self.training)  # (B, H, N, N)
+        return torch.einsum("bhqk, bhkd -> bhqd", att, v.to(compute)).to(v.dtype)  # (B, H, N, D)
+
+
+def _check_tokens(x, emb_size: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"MultiHeadAttention: expected tokens to be a tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != emb_size:
+        raise ValueError(f"MultiHeadAttention: expected tokens (B, N, {emb_size}), got {tuple(x.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,8 +352,14 @@ class EncoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
         self.mlp = FeedForward(config.embed_dim, config.mlp_ratio, config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), mask)
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask, cu_seqlens, max_seqlen)
         return x + self.mlp(self.norm2(x))
 
 
@@ -267,11 +367,16 @@ class ViT(nn.Module):
     """The whole model: images (B, C, H, W) -> logits (B, num_classes)."""
 
     fused: Final[bool]
+    pool: Final[str]
+    __prepare_scriptable__ = _refuse_script_when_fused
 
     def __init__(self, config: ViTConfig | None = None, fused: bool | None = None, **overrides):
         super().__init__()
+        if config is not None and not isinstance(config, ViTConfig):
+            raise TypeError(f"ViT: expected config to be a ViTConfig, got {type(config).__name__}")
         config = dataclasses.replace(config or ViTConfig(), **overrides)
         self.config = config
+        self.pool = config.pool  # a plain attribute: TorchScript does not compile the dataclass
         self.fused = kernels.fused_by_default() if fused is None else fused
         self.patch_embed = PatchEmbedding(
             config.image_size, config.patch_size, config.in_channels, config.embed_dim,
@@ -302,14 +407,60 @@ class ViT(nn.Module):
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, [1 +] N, E) -> logits (B, num_classes): pool, then the Linear head."""
-        if self.config.pool == "token":
+        if self.pool == "token":
             pooled = tokens[:, 0]  # the class token
         else:
             pooled = tokens[:, self.patch_embed.num_prefix_tokens:].mean(dim=1)
         return self.head(pooled)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) -> logits (B, num_classes); a list of images of different sizes
+        runs packed (``forward_packed``)."""
+        if not torch.jit.is_scripting() and isinstance(images, (list, tuple)):
+            if mask is not None:
+                raise ValueError("ViT: a mask applies to a (B, C, H, W) batch, not to a list of images")
+            return self.forward_packed(images)
         return self.forward_head(self.forward_features(images, mask))
+
+    @torch.jit.unused
+    def forward_packed(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Images of different sizes, each (C, H_i, W_i) or (1, C, H_i, W_i), sides multiples of
+        the patch -> logits (len(images), num_classes), equal to running each image alone.
+
+        NaViT-style packing: each image is embedded at its own grid (its position embeddings
+        resampled to it, its own class token), the tokens of all images are put one after
+        another in one sequence (1, total, E), and every block attends within each image
+        through one ``kernels.attention_varlen`` call, no padding and no (total, total) mask.
+        """
+        if not images:
+            raise ValueError("ViT: expected at least one image to pack, got an empty list")
+        tokens = []
+        for i, image in enumerate(images):
+            if not isinstance(image, torch.Tensor) or image.dim() not in (3, 4) or (image.dim() == 4 and image.shape[0] != 1):
+                got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+                raise ValueError(f"ViT: expected image {i} of shape (C, H, W) or (1, C, H, W), got {got}")
+            patch = self.patch_embed.patch_size
+            if image.shape[-1] % patch or image.shape[-2] % patch:
+                raise ValueError(
+                    f"ViT: expected image {i}'s sides to be multiples of the patch size {patch}, got {tuple(image.shape[-2:])}"
+                )
+            tokens.append(self.patch_embed(image if image.dim() == 4 else image[None])[0])  # (n_i, E)
+        lengths = [len(t) for t in tokens]
+        starts = [0]
+        for length in lengths:
+            starts.append(starts[-1] + length)
+        x = torch.cat(tokens)[None]  # (1, total, E)
+        # Made once per batch on the host: the layers read it with no further sync.
+        cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=x.device)
+        for block in self.blocks:
+            x = block(x, None, cu_seqlens, max(lengths))
+        x = self.norm(x)[0]  # (total, E)
+        if self.pool == "token":
+            pooled = x[starts[:-1]]  # each image's class token: (images, E)
+        else:
+            prefix = self.patch_embed.num_prefix_tokens
+            pooled = torch.stack([x[start + prefix:end].mean(dim=0) for start, end in itertools.pairwise(starts)])
+        return self.head(pooled)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -482,11 +482,54 @@ def _vit_embeddings_problem(embeddings: nn.Module, embeddings_class, patches_cla
 
 
 # ---------------------------------------------------------------------------------------------
+# Vision towers of vision-language models that pack images into one sequence (cu_seqlens).
+
+# (module, class) of the Qwen vision attentions: one forward (hidden_states (total, E),
+# cu_seqlens, position_embeddings (cos, sin), max_seqlen), rotary from their own module.
+QWEN_VISION_ATTENTIONS = (
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "VisionAttention"),
+    ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLVisionAttention"),
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionAttention"),
+)
+
+
+def _qwen_vision_attention_forward(
+    self,
+    hidden_states: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_seqlen: int | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision attention: one ``kernels.attention_varlen`` call
+    over the packed images (or, in Qwen2.5-VL's windowed layers, windows) instead of one SDPA
+    call per image. The rotary embedding is the model's own ``apply_rotary_pos_emb_vision``."""
+    seq_length = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).unbind(1)  # (total, H, D) each
+    cos, sin = position_embeddings
+    q, k = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    longest = max_seqlen if isinstance(max_seqlen, int) else None
+    out = dispatch.attention_varlen(
+        q, k, v, cu_seqlens, cu_seqlens, longest, longest,
+        scale=self.scaling, dropout_p=self.attention_dropout if self.training else 0.0,
+    )  # (total, H, D)
+    return self.proj(out.reshape(seq_length, -1))
+
+
+def _qwen_vision_attention_problem(module: nn.Module) -> str | None:
+    if getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb_vision", None) is None:
+        return "its module has no apply_rotary_pos_emb_vision to apply the rotary embedding with"
+    return _head_dim_problem(module.head_dim) or _forward_patched_elsewhere(module)
+
+
+# ---------------------------------------------------------------------------------------------
 # The walk.
 
 KNOWN = (
     "timm Attention and PatchEmbed in a VisionTransformer, torch nn.MultiheadAttention, "
     "torchvision VisionTransformer, transformers ViTAttention and ViTEmbeddings, "
+    "transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision attention, "
     "vit MultiHeadAttention and PatchEmbedding"
 )
 
@@ -508,6 +551,7 @@ class _Walk:
         self.hf_embeddings = _loaded_class("transformers.models.vit.modeling_vit", "ViTEmbeddings")
         self.hf_patches = _loaded_class("transformers.models.vit.modeling_vit", "ViTPatchEmbeddings")
         self.hf_pretrained = _loaded_class("transformers.models.vit.modeling_vit", "ViTPreTrainedModel")
+        self.qwen_attentions = tuple(c for c in (_loaded_class(m, n) for m, n in QWEN_VISION_ATTENTIONS) if c is not None)
         self.vit_attention = _loaded_class("vit.model", "MultiHeadAttention")
         self.vit_patch_embedding = _loaded_class("vit.model", "PatchEmbedding")
 
@@ -554,6 +598,11 @@ class _Walk:
             self._swap(path, module, "transformers ViTEmbeddings", self.patch_embed, problem,
                        PATCH_EMBED_DONE + " (bool_masked_pos or interpolate_pos_encoding run the original)",
                        forward=_bound(_vit_embeddings_forward, module))
+        elif self.qwen_attentions and type(module) in self.qwen_attentions:
+            self._swap(path, module, f"transformers {type(module).__name__}", self.attention,
+                       _qwen_vision_attention_problem(module),
+                       "-> kernels.attention_varlen (one call per layer over the packed images)",
+                       forward=_bound(_qwen_vision_attention_forward, module))
         elif self._is(module, self.vit_attention) or self._is(module, self.vit_patch_embedding):
             self._visit_vit(path, module)
 

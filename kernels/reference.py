@@ -6,8 +6,11 @@ is applied with ``masked_fill`` and its result kept (the tutorial called ``mask_
 does not exist, and would have thrown the result away), and a query row whose keys are all
 masked out gets zeros instead of NaN.
 
-These functions are also the CPU fallback: ``kernels.attention`` and ``kernels.patch_embed``
-call them when the dispatch picks ``"einsum"``.
+``attention_reference`` stays that plain oracle. What ``kernels.attention`` runs when the dispatch
+picks ``"einsum"`` is ``attention_fallback``: the same arithmetic a chunk of the score matrix at a
+time (memory bounded, forward and backward), in float32 for float16/bfloat16 inputs, under every
+autograd transform; tests/test_fallback.py holds it to the oracle. ``kernels.patch_embed`` falls
+back to ``patch_embed_reference`` itself.
 """
 
 from __future__ import annotations
@@ -140,7 +143,10 @@ def _over_chunks(shape, compute, summed: tuple[tuple[int, ...], ...], into: tupl
         for index, chunk in enumerate(itertools.product(*cuts)):
             for whole, part, dims in zip(into, compute(*chunk, index), summed):
                 where = whole[tuple(slice(None) if d in dims else cut for d, cut in enumerate(chunk))]
-                where.add_(part) if dims else where.copy_(part)
+                if dims:
+                    where.add_(part)
+                else:
+                    where.copy_(part)
         return into
     index = itertools.count()  # the same order as itertools.product above
 
@@ -167,7 +173,8 @@ def _plain(tensors) -> bool:
     if torch.compiler.is_compiling() or torch.is_grad_enabled():
         return False
     functorch = torch._C._functorch
-    return not any(functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t) for t in tensors if t is not None)
+    wrapped = (functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t) for t in tensors if t is not None)
+    return not any(wrapped)
 
 
 def _recorded(tensors) -> bool:
@@ -179,15 +186,21 @@ def _recorded(tensors) -> bool:
 
 def _scratch(shape, like: torch.Tensor) -> torch.Tensor:
     """A buffer the size of the largest (the first) chunk's scores."""
-    return like.new_empty(math.prod(len(range(*cuts[0].indices(size))) for cuts, size in zip(_chunks(shape), shape)) * shape[3])
+    first = (len(range(*cuts[0].indices(size))) for cuts, size in zip(_chunks(shape), shape))
+    return like.new_empty(math.prod(first) * shape[3])
 
 
 def _buffer_for(buffer: torch.Tensor | None, shape) -> torch.Tensor | None:
     return None if buffer is None else buffer[: math.prod(shape)].view(shape)
 
 
-def _keep_mask(seed: int, index: int, shape, dropout_p: float, device) -> torch.Tensor:
-    """Chunk ``index``'s dropout keep mask (True = kept), drawn from (seed, index): the backward draws it again."""
+def _keep_mask(seed: int | None, index: int, shape, dropout_p: float, device) -> torch.Tensor:
+    """Chunk ``index``'s dropout keep mask (True = kept), drawn from (seed, index): the backward draws it again.
+
+    ``seed`` None (under torch.compile, which makes no generator): from torch's default generator.
+    """
+    if seed is None:
+        return torch.rand(shape, device=device) >= dropout_p
     generator = torch.Generator(device=device).manual_seed(hash((seed, index)) % 2**63)
     return torch.rand(shape, generator=generator, device=device) >= dropout_p
 
@@ -227,28 +240,7 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, bias, mask, is_causal, dropout_p, seed):
-        shape = (*q.shape[:3], k.shape[2])
-        plain = _plain((q, k, v, bias, mask))
-        buffer = _scratch(shape, q) if plain else None
-
-        def chunk(batch, heads, rows, index):
-            logits = _logits(_piece(q, batch, heads, rows), _piece(k, batch, heads), _piece(bias, batch, heads, rows),
-                             _piece(mask, batch, heads, rows), is_causal, rows, buffer)  # (b, h, rows, Nk)
-            row_max = logits.amax(-1, keepdim=True)
-            if bias is not None or mask is not None:  # a row may have no key left: exp2(-inf - 0) = 0
-                row_max = row_max.masked_fill_(row_max == float("-inf"), 0.0)
-            weights = logits.sub_(row_max).exp2_()
-            row_sum = weights.sum(-1, keepdim=True)
-            if dropout_p > 0.0:
-                weights = weights.mul_(_keep_mask(seed, index, weights.shape, dropout_p, q.device))
-            return weights @ _piece(v, batch, heads), row_max, row_sum
-
-        into = (q.new_empty(*shape[:3], v.shape[-1]), q.new_empty(*shape[:3], 1), q.new_empty(*shape[:3], 1)) if plain else None
-        out, row_max, row_sum = _over_chunks(shape, chunk, ((), (), ()), into)
-        row_sum = row_sum.masked_fill_(row_sum == 0, 1.0)  # a row with no key: its output 0 / 1, not 0 / 0
-        # Normalised after p v, all chunks at once: Nq x Dv divisions, not Nq x Nk.
-        out = out.div_(row_sum * (1.0 - dropout_p) if dropout_p > 0.0 else row_sum)
-        return out, row_max, row_sum.log2()
+        return _forward(q, k, v, bias, mask, is_causal, dropout_p, seed)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -285,7 +277,8 @@ class _ChunkedAttention(torch.autograd.Function):
                 grad_logits = (grad_e if dropped is None else grad_e.mul_(dropped)).sub_(delta_).mul_(e)
             else:
                 grad_logits = e * ((grad_e if dropped is None else grad_e * dropped) - delta_)
-            grads = (grad_logits @ _piece(k, batch, heads), grad_logits.transpose(-1, -2) @ _piece(q, batch, heads, rows), grad_v)
+            grad_q = grad_logits @ _piece(k, batch, heads)
+            grads = (grad_q, grad_logits.transpose(-1, -2) @ _piece(q, batch, heads, rows), grad_v)
             if bias_grad:
                 grads += (grad_logits.sum_to_size(_piece(bias, batch, heads, rows).shape) * LOG2E,)
             return grads
@@ -293,7 +286,8 @@ class _ChunkedAttention(torch.autograd.Function):
         summed = ((), (2,), (2,)) + ((tuple(d for d in range(3) if bias.shape[d] == 1),) if bias_grad else ())
         into = None
         if plain:
-            into = (torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)) + ((torch.zeros_like(bias),) if bias_grad else ())
+            into = (torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v))
+            into += (torch.zeros_like(bias),) if bias_grad else ()
         grad_q, grad_k, grad_v, *grad_bias = _over_chunks(shape, chunk, summed, into)
         return grad_q, grad_k, grad_v, grad_bias[0] if bias_grad else None, None, None, None, None
 
@@ -308,8 +302,8 @@ class _ChunkedAttention(torch.autograd.Function):
         def chunk(batch, heads, rows, index):
             e, dropped = _exp_logits(ctx, batch, heads, rows, index, None)
             weights = e * _piece(inv_sum, batch, heads, rows)
-            q_, k_ = _piece(q, batch, heads, rows), _piece(k, batch, heads)
-            logits_t = _piece(q_t, batch, heads, rows) @ k_.transpose(-1, -2) + q_ @ _piece(k_t, batch, heads).transpose(-1, -2)
+            k_, k_t_ = _piece(k, batch, heads), _piece(k_t, batch, heads)
+            logits_t = _piece(q_t, batch, heads, rows) @ k_.transpose(-1, -2) + _piece(q, batch, heads, rows) @ k_t_.transpose(-1, -2)
             if bias_t is not None:
                 logits_t = logits_t + _piece(bias_t, batch, heads, rows)
             mean_t = (weights * logits_t).sum(-1, keepdim=True)
@@ -322,6 +316,36 @@ class _ChunkedAttention(torch.autograd.Function):
         return out_t, None, log_sum_t
 
 
+def _forward(q, k, v, bias, mask, is_causal: bool, dropout_p: float, seed: int | None) -> tuple:
+    """The forward, a chunk at a time: (out, row max, log2 of the row sum); see ``_ChunkedAttention``.
+
+    Also run as it is, outside the Function: then autograd (or torch.compile) follows its ops.
+    """
+    shape = (*q.shape[:3], k.shape[2])
+    plain = _plain((q, k, v, bias, mask))
+    buffer = _scratch(shape, q) if plain else None
+
+    def chunk(batch, heads, rows, index):
+        logits = _logits(_piece(q, batch, heads, rows), _piece(k, batch, heads), _piece(bias, batch, heads, rows),
+                         _piece(mask, batch, heads, rows), is_causal, rows, buffer)  # (b, h, rows, Nk)
+        row_max = logits.detach().amax(-1, keepdim=True)  # a constant to autograd, as in safe_softmax
+        if bias is not None or mask is not None:  # a row may have no key left: exp2(-inf - 0) = 0
+            row_max = row_max.masked_fill_(row_max == float("-inf"), 0.0)
+        weights = logits.sub_(row_max).exp2_()
+        row_sum = weights.sum(-1, keepdim=True)
+        if dropout_p > 0.0:
+            keep = _keep_mask(seed, index, weights.shape, dropout_p, q.device)
+            weights = weights.mul_(keep) if plain else weights * keep
+        return weights @ _piece(v, batch, heads), row_max, row_sum
+
+    into = (q.new_empty(*shape[:3], v.shape[-1]), q.new_empty(*shape[:3], 1), q.new_empty(*shape[:3], 1))
+    out, row_max, row_sum = _over_chunks(shape, chunk, ((), (), ()), into if plain else None)
+    row_sum = row_sum.masked_fill_(row_sum == 0, 1.0)  # a row with no key: its output 0 / 1, not 0 / 0
+    # Normalised after p v, all chunks at once: Nq x Dv divisions, not Nq x Nk.
+    divisor = row_sum * (1.0 - dropout_p) if dropout_p > 0.0 else row_sum
+    return out.div_(divisor) if plain else out / divisor, row_max, row_sum.log2()
+
+
 def _exp_logits(ctx, batch, heads, rows, index, buffer) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A chunk's exp2(logit - row max) made again, and its dropout multiplier keep / (1 - p) or None."""
     q, k, _, bias, mask, _, row_max, _ = ctx.saved_tensors
@@ -331,7 +355,7 @@ def _exp_logits(ctx, batch, heads, rows, index, buffer) -> tuple[torch.Tensor, t
     e = logits.sub_(_piece(row_max, batch, heads, rows)).exp2_()
     if dropout_p == 0.0:
         return e, None
-    return e, _keep_mask(seed, index, e.shape, dropout_p, q.device) / (1.0 - dropout_p)
+    return e, _keep_mask(seed, index, e.shape, dropout_p, q.device).to(e.dtype).div_(1.0 - dropout_p)
 
 
 def attention_fallback(
@@ -355,7 +379,9 @@ def attention_fallback(
     and ``vmap`` all work. Dropout draws one seed per call from torch's default generator
     (``torch.manual_seed`` repeats it) and each chunk's keep mask from (seed, chunk); the backward
     draws the same. ``return_dropout_mask=True`` returns ``(out, keep)``, ``keep`` the bool
-    (B, H, Nq, Nk) mask of the weights kept, for tests.
+    (B, H, Nq, Nk) mask of the weights kept, for tests. Under ``torch.compile`` (``fullgraph=True``
+    works) the chunks' ops are traced as they are: autograd then keeps each chunk's weights for the
+    backward, and dropout draws from the default generator (``return_dropout_mask`` does not apply).
     """
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -364,17 +390,22 @@ def attention_fallback(
         mask = mask[(None,) * (4 - mask.dim())]  # (B or 1, H or 1, Nq or 1, Nk or 1)
         if mask.is_floating_point():
             bias, mask = mask.to(compute), None
-    seed = int(torch.randint(2**62, ())) if dropout_p > 0.0 else 0
+    compiling = torch.compiler.is_compiling()
+    seed = None if compiling or dropout_p == 0.0 else int(torch.randint(2**62, ()))
     # The scale (and base 2) goes on q: an Nq x D multiply, not Nq x Nk. q, k, v are not copied:
     # a chunk of one batch element is a batch of matrices the matmuls read through any strides.
     out_dtype = v.dtype
     q, k, v = q.to(compute) * (scale * LOG2E), k.to(compute), v.to(compute)
     arguments = (q, k, v, bias, mask, is_causal, float(dropout_p), seed)
-    if _recorded((q, k, v, bias)):
+    if compiling:
+        # Dynamo traces no autograd.Function with a jvp and makes no torch.Generator: it traces the
+        # chunks' ops, and autograd keeps what they need for the backward (each chunk's weights).
+        out = _forward(*arguments)[0]
+    elif _recorded((q, k, v, bias)):
         out = _ChunkedAttention.apply(*arguments)[0]
     else:  # nothing to differentiate: the forward alone, without the autograd.Function's call overhead
         with torch.no_grad():
-            out = _ChunkedAttention.forward(*arguments)[0]
+            out = _forward(*arguments)[0]
     out = out.to(out_dtype)
     if not return_dropout_mask:
         return out

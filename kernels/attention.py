@@ -74,53 +74,113 @@ LOG2E = math.log2(math.e)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MASK_NONE, MASK_BOOL, MASK_BIAS = 0, 1, 2
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): see the module docstring for which shapes they target.
-FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-    for block_m, block_n, warps, stages in [
-        (32, 32, 4, 2),
-        (64, 32, 4, 3),
-        (64, 64, 4, 2),
-        (64, 64, 4, 3),
-        (64, 64, 4, 4),
-        (128, 64, 4, 3),
-        (128, 64, 8, 3),
-        (128, 128, 8, 3),
-    ]
+# Autotune configs, pruned per launch by the kind of dot and the head-dim block BLOCK_D (the larger
+# of D's and Dv's, a power of two): a config is tried only where its table row lists it. The rows
+# are read off Hopper machine code (``python -m bench.sass``; sm_90, ptxas 12.9): for each kind and
+# BLOCK_D, the configs that compile to wgmma without spilling registers and fit shared memory; where
+# none does (BLOCK_D 256 in dK/dV, exact fp32), the least bad. Tiles under 64 rows per warpgroup fall
+# to mma.sync (half of wgmma's rate): only exact fp32 (no tensor cores) and fp32 at 256 keep them.
+# A mask, causal or dropout (a heavier loop body) keeps only tiles of at most 16 scores per thread,
+# where the others spill. (128, 128) and (64, 64, 4 warps, 3 stages) at BLOCK_D 128 would need
+# more shared memory than there is with a mask (TF32 too); 4 stages of (64, 64) compiled to the same
+# code as 3.
+F16, TF32, FMA = "f16", "tf32", "fma"  # fp16/bf16 tensor cores; fp32 on them as TF32; exact fp32 FMAs
+_UP_TO_64, _UP_TO_128, _ALL = (16, 32, 64), (16, 32, 64, 128), (16, 32, 64, 128, 256)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, {dot kind: the BLOCK_D it is tried at})
+_FORWARD_TABLE = [
+    (32, 32, 4, 2, {TF32: (256,), FMA: _ALL}),
+    (64, 32, 4, 3, {F16: _ALL, TF32: _UP_TO_128}),
+    (64, 64, 4, 2, {F16: _UP_TO_128, TF32: _UP_TO_128}),
+    (64, 64, 4, 3, {F16: _UP_TO_128, TF32: _UP_TO_64}),
+    (128, 64, 4, 3, {F16: _UP_TO_64}),
+    (128, 64, 8, 3, {F16: _UP_TO_128, TF32: _UP_TO_64}),
+    (128, 128, 8, 3, {F16: _UP_TO_64}),
 ]
 # dK/dV: BLOCK_N keys stay in registers while BLOCK_M query rows stream past.
-BACKWARD_KV_CONFIGS = [
-    triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-    for block_m, block_n, warps, stages in [
-        (32, 32, 4, 1),
-        (32, 64, 4, 2),
-        (64, 64, 4, 2),
-        (32, 128, 8, 2),
-        (64, 128, 8, 2),
-    ]
+_BACKWARD_KV_TABLE = [
+    (32, 32, 4, 1, {FMA: _ALL}),
+    (16, 64, 4, 2, {TF32: (128, 256)}),
+    (32, 64, 4, 1, {F16: (*_UP_TO_64, 256), TF32: _UP_TO_64}),
+    (32, 64, 4, 2, {F16: _UP_TO_64, TF32: _UP_TO_64}),
+    (64, 64, 4, 2, {F16: _UP_TO_64}),
+    (32, 128, 8, 1, {F16: _ALL, TF32: _UP_TO_64}),
+    (64, 128, 8, 2, {F16: _UP_TO_64}),
 ]
 # dQ: BLOCK_M query rows stay in registers while BLOCK_N keys stream past.
-BACKWARD_Q_CONFIGS = [
-    triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-    for block_m, block_n, warps, stages in [
-        (32, 32, 4, 1),
-        (64, 32, 4, 2),
-        (64, 64, 4, 2),
-        (128, 64, 8, 2),
-        (128, 32, 8, 2),
-    ]
+_BACKWARD_Q_TABLE = [
+    (32, 32, 4, 1, {TF32: (256,), FMA: _ALL}),
+    (64, 32, 4, 2, {F16: _UP_TO_128, TF32: _UP_TO_64}),
+    (64, 64, 4, 2, {F16: _UP_TO_128, TF32: _UP_TO_64}),
+    (128, 64, 8, 2, {F16: _UP_TO_128, TF32: _UP_TO_64}),
+    (128, 32, 8, 2, {F16: _ALL, TF32: _UP_TO_128}),
 ]
+
+
+def _configs(table) -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+        for block_m, block_n, warps, stages, _ in table
+    ]
+
+
+def _pruner(table):
+    """An ``early_config_prune`` keeping the configs ``table`` lists for the launch's dot kind and
+    BLOCK_D, and under a mask, causal or dropout those of at most 16 scores per thread (if any).
+
+    A pure function of autotune-key arguments (q's dtype, HEAD_DIM, HEAD_DIM_V, MASK_KIND,
+    IS_CAUSAL, HAS_DROPOUT, EXACT_FP32_DOTS), cheap, and plain Python: Triton's autotuner calls it,
+    and so does torch.compile's tracing of the custom ops. A config the table does not name (a
+    test's own) is kept; if nothing is left, every config is.
+    """
+    tried_at = {(block_m, block_n, warps, stages): kinds for block_m, block_n, warps, stages, kinds in table}
+
+    def prune(configs, named_args, **kwargs):
+        arguments = {**named_args, **kwargs}
+        if arguments["EXACT_FP32_DOTS"]:
+            kind = FMA
+        else:
+            kind = TF32 if arguments["q_ptr"].dtype == torch.float32 else F16
+        block_d = max(arguments["BLOCK_D"], arguments["BLOCK_DV"])
+
+        def tried(config):
+            kinds = tried_at.get((config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages))
+            return kinds is None or block_d in kinds.get(kind, ())
+
+        kept = [config for config in configs if tried(config)] or configs
+        if arguments["MASK_KIND"] != MASK_NONE or arguments["IS_CAUSAL"] or arguments["HAS_DROPOUT"]:
+            light = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 16 * 32 * c.num_warps]
+            kept = light or kept
+        return kept
+
+    return prune
+
+
+FORWARD_CONFIGS = _configs(_FORWARD_TABLE)
+BACKWARD_KV_CONFIGS = _configs(_BACKWARD_KV_TABLE)
+BACKWARD_Q_CONFIGS = _configs(_BACKWARD_Q_TABLE)
 # The interpreter's one config: unequal blocks, so the tests walk several blocks of each kind.
 _INTERPRETER_FORWARD_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 _INTERPRETER_BACKWARD_KV_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=1)
 _INTERPRETER_BACKWARD_Q_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
-_AUTOTUNE_KEY = ["seqlen_q", "seqlen_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT"]
+_AUTOTUNE_KEY = [
+    "seqlen_q", "seqlen_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT", "EXACT_FP32_DOTS",
+]
 _PREPASS_BLOCK_M = 32
 _KEEP_MASK_BLOCK_M, _KEEP_MASK_BLOCK_N = 32, 64
 
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels and their jit helpers.
+#
+# Each kernel loops over blocks of keys (forward, dQ) or of queries (dK/dV). Without a mask tensor
+# or a causal mask, every block but the last, partial one is whole and every row may attend every
+# key in it: those run the lean body (MASKED=False): no bounds checks, and the scale folded into
+# the exponent, one FFMA per score (``exp2(qk * scale_log2e - m)``). The last block, and every
+# block under a bool mask, a bias or a causal mask, run the masked body, which sends each logit
+# that may not be attended to -inf. So do exact fp32 dots (no tensor cores): with a lean loop and
+# a masked block Triton's FMA dots spill registers by the kilobyte. Rows past Nq (forward, dQ) and keys past Nk (dK/dV) of the
+# program's own block are loaded as zeros; the garbage they compute stays in their own rows of
+# the result, which are never stored, so the lean body needs no mask for them.
 
 
 @triton.jit
@@ -162,9 +222,101 @@ def _head_seed(seed_ptr, batch_head):
     return tl.load(seed_ptr) + (batch_head.to(tl.int64) << 32)
 
 
+@triton.jit
+def _offsets(index, stride, ROW_ALIGN: tl.constexpr):
+    """``index * stride``, with Triton told it is a multiple of ROW_ALIGN elements.
+
+    A launch marks an int argument divisible by 16 only when it is: a per-head stride of 72 (D = 72
+    in a fused qkv) gets no mark, and then every q/k/v access is a scalar 16-bit load. ROW_ALIGN,
+    from the host (``_row_align``), is 16 bytes in elements when every stride but the head dim's is
+    a multiple of it, else 1 (no hint). The hint sits on the product made here: Triton ignores
+    ``tl.multiple_of`` on a function's argument. Whether the pointers themselves are 16-byte
+    aligned is Triton's own launch check.
+    """
+    offsets = index * stride
+    if ROW_ALIGN > 1:
+        offsets = tl.multiple_of(offsets, ROW_ALIGN)
+    return offsets
+
+
+@triton.jit
+def _slice_offset(batch, head, stride_b, stride_h, ROW_ALIGN: tl.constexpr):
+    """The int64 offset of one (batch, head) slice of a tensor, a multiple of ROW_ALIGN elements."""
+    return _offsets(batch, stride_b, ROW_ALIGN) + _offsets(head, stride_h, ROW_ALIGN)
+
+
+@triton.jit
+def _load_rows(
+    ptr, index, stride, length, stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    CHECK_LENGTH: tl.constexpr, TRANSPOSED: tl.constexpr,
+):
+    """Rows ``index`` of a (length, HEAD_DIM) slice: a (len(index), BLOCK_D) tile, or its transpose
+    (BLOCK_D, len(index)) when TRANSPOSED, zero past HEAD_DIM and, when CHECK_LENGTH, past ``length``.
+    Without CHECK_LENGTH every index must be below ``length``: nothing is checked."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if TRANSPOSED:
+        ptrs = ptr + _offsets(index, stride, ROW_ALIGN)[None, :] + offs_d[:, None] * stride_d
+        inside = (index[None, :] < length) & (offs_d[:, None] < HEAD_DIM)
+        inside_d = offs_d[:, None] < HEAD_DIM
+    else:
+        ptrs = ptr + _offsets(index, stride, ROW_ALIGN)[:, None] + offs_d[None, :] * stride_d
+        inside = (index[:, None] < length) & (offs_d[None, :] < HEAD_DIM)
+        inside_d = offs_d[None, :] < HEAD_DIM
+    if CHECK_LENGTH:
+        tile = tl.load(ptrs, mask=inside, other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        tile = tl.load(ptrs, mask=inside_d, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _forward_block(
+    acc, row_sum, row_max, q, rows, start_n, k_ptr, v_ptr, mask_ptr, head_seed,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
+    seqlen_q, seqlen_k, scale_log2e, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+):
+    """The online softmax over the keys start_n + [0, BLOCK_N): (acc, row_sum, row_max) updated."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k_t = _load_rows(
+        k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D, ROW_ALIGN, MASKED, True
+    )  # (BLOCK_D, BLOCK_N)
+    qk = dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+    if MASKED:
+        logits = _logits_base2(
+            qk, rows[:, None], cols[None, :], mask_ptr, stride_maskm, stride_maskn,
+            seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
+        )  # (BLOCK_M, BLOCK_N)
+        block_max = tl.max(logits, 1)
+    else:  # the scale is >= 0 here: the largest logit is the largest product, scaled
+        block_max = tl.max(qk, 1) * scale_log2e
+    new_max = tl.maximum(row_max, block_max)
+    # A row with no allowed key so far has a maximum of -inf: subtract 0 instead (no NaN).
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescale = tl.exp2(row_max - shift)
+    if MASKED:
+        probs = tl.exp2(logits - shift[:, None])
+    else:
+        probs = tl.exp2(qk * scale_log2e - shift[:, None])  # one FFMA per score
+    row_sum = row_sum * rescale + tl.sum(probs, 1)
+    if HAS_DROPOUT:
+        probs = tl.where(_dropout_keep(head_seed, rows[:, None], cols[None, :], seqlen_k, dropout_p), probs, 0.0)
+    v = _load_rows(
+        v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, MASKED, False
+    )  # (BLOCK_N, BLOCK_DV)
+    acc = dot(rounded_to(probs, v_ptr, UPCAST_DOTS), v, acc * rescale[:, None], EXACT_FP32_DOTS, UPCAST_DOTS)
+    return acc, row_sum, new_max
+
+
 @triton.autotune(
     configs=autotune_configs(FORWARD_CONFIGS, _INTERPRETER_FORWARD_CONFIG),
     key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _pruner(_FORWARD_TABLE)},
 )
 @triton.jit
 def _attention_forward_kernel(
@@ -176,8 +328,8 @@ def _attention_forward_kernel(
     stride_ob, stride_oh, stride_om, stride_od, stride_stats,
     n_heads, seqlen_q, seqlen_k, scale_log2e, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEGATIVE_SCALE: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The output and softmax statistics of one block of BLOCK_M query rows of one (batch, head)."""
@@ -188,55 +340,54 @@ def _attention_forward_kernel(
     batch_head = pid // n_row_blocks
     batch = (batch_head // n_heads).to(tl.int64)
     head = (batch_head % n_heads).to(tl.int64)
-    q_ptr += batch * stride_qb + head * stride_qh
-    k_ptr += batch * stride_kb + head * stride_kh
-    v_ptr += batch * stride_vb + head * stride_vh
+    q_ptr += _slice_offset(batch, head, stride_qb, stride_qh, ROW_ALIGN)
+    k_ptr += _slice_offset(batch, head, stride_kb, stride_kh, ROW_ALIGN)
+    v_ptr += _slice_offset(batch, head, stride_vb, stride_vh, ROW_ALIGN)
     mask_ptr += batch * stride_maskb + head * stride_maskh
-    out_ptr += batch * stride_ob + head * stride_oh
+    out_ptr += _slice_offset(batch, head, stride_ob, stride_oh, ROW_ALIGN)
     stats_ptr += batch_head.to(tl.int64) * seqlen_q
 
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(
-        q_ptr + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0,
-    )  # (BLOCK_M, BLOCK_D)
+    q = _load_rows(q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D, ROW_ALIGN, True, False)
+    head_seed = 0
     if HAS_DROPOUT:
         head_seed = _head_seed(seed_ptr, batch_head)
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    key_end = seqlen_k
-    if IS_CAUSAL:
-        key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)  # keys past the last row: all masked
-    for start_n in range(0, key_end, BLOCK_N):
-        cols = start_n + offs_n
-        k_t = tl.load(
-            k_ptr + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-            mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0,
-        )  # (BLOCK_D, BLOCK_N)
-        qk = dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
-        logits = _logits_base2(
-            qk, rows[:, None], cols[None, :], mask_ptr, stride_maskm, stride_maskn,
-            seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
-        )  # (BLOCK_M, BLOCK_N)
-        new_max = tl.maximum(row_max, tl.max(logits, 1))
-        # A row with no allowed key so far has a maximum of -inf: subtract 0 instead (no NaN).
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = tl.exp2(row_max - shift)
-        probs = tl.exp2(logits - shift[:, None])
-        row_sum = row_sum * rescale + tl.sum(probs, 1)
-        if HAS_DROPOUT:
-            probs = tl.where(_dropout_keep(head_seed, rows[:, None], cols[None, :], seqlen_k, dropout_p), probs, 0.0)
-        v = tl.load(
-            v_ptr + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-            mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
-        )  # (BLOCK_N, BLOCK_DV)
-        acc = dot(rounded_to(probs, v_ptr, UPCAST_DOTS), v, acc * rescale[:, None], EXACT_FP32_DOTS, UPCAST_DOTS)
-        row_max = new_max
+    # The lean body (see above); a negative scale (rare) takes the masked one: its largest logit is
+    # the smallest product, where the lean body scales the largest.
+    if MASK_KIND == 0 and not IS_CAUSAL and not EXACT_FP32_DOTS and not NEGATIVE_SCALE:
+        lean_end = seqlen_k // BLOCK_N * BLOCK_N  # the whole blocks
+        for start_n in range(0, lean_end, BLOCK_N):
+            acc, row_sum, row_max = _forward_block(
+                acc, row_sum, row_max, q, rows, start_n, k_ptr, v_ptr, mask_ptr, head_seed,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
+                seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, False,
+            )
+        if lean_end < seqlen_k:  # the last, partial block
+            acc, row_sum, row_max = _forward_block(
+                acc, row_sum, row_max, q, rows, lean_end, k_ptr, v_ptr, mask_ptr, head_seed,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
+                seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True,
+            )
+    else:
+        key_end = seqlen_k
+        if IS_CAUSAL:
+            key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)  # keys past the last row: all masked
+        for start_n in range(0, key_end, BLOCK_N):
+            acc, row_sum, row_max = _forward_block(
+                acc, row_sum, row_max, q, rows, start_n, k_ptr, v_ptr, mask_ptr, head_seed,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
+                seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True,
+            )
 
     # A row with every key masked has row_sum 0: divide by 1, output 0, and save a maximum of 0 and
     # a sum of 1 so the backward's exp2(-inf - 0) gives it zero probabilities, hence zero gradients.
@@ -246,8 +397,9 @@ def _attention_forward_kernel(
     acc = acc / row_sum[:, None]
     tl.store(stats_ptr + rows, tl.where(row_max == float("-inf"), 0.0, row_max), mask=rows < seqlen_q)
     tl.store(stats_ptr + stride_stats + rows, tl.log2(row_sum), mask=rows < seqlen_q)
+    offs_dv = tl.arange(0, BLOCK_DV)
     tl.store(
-        out_ptr + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
+        out_ptr + _offsets(rows, stride_om, ROW_ALIGN)[:, None] + offs_dv[None, :] * stride_od,
         rounded_to(acc, out_ptr, UPCAST_DOTS),
         mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V),
     )
@@ -259,7 +411,7 @@ def _attention_backward_delta_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
     n_heads, seqlen_q,
-    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta = rowsum(out * grad_out): the softmax backward's row term, dropout included."""
     n_row_blocks = tl.cdiv(seqlen_q, BLOCK_M)
@@ -268,23 +420,70 @@ def _attention_backward_delta_kernel(
     batch_head = pid // n_row_blocks
     batch = (batch_head // n_heads).to(tl.int64)
     head = (batch_head % n_heads).to(tl.int64)
+    out_ptr += _slice_offset(batch, head, stride_ob, stride_oh, ROW_ALIGN)
+    grad_out_ptr += _slice_offset(batch, head, stride_gb, stride_gh, ROW_ALIGN)
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    tile = (rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
-    out = tl.load(
-        out_ptr + batch * stride_ob + head * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
-        mask=tile, other=0.0,
-    ).to(tl.float32)  # (BLOCK_M, BLOCK_DV)
-    grad_out = tl.load(
-        grad_out_ptr + batch * stride_gb + head * stride_gh + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
-        mask=tile, other=0.0,
-    ).to(tl.float32)  # (BLOCK_M, BLOCK_DV)
-    tl.store(delta_ptr + batch_head.to(tl.int64) * seqlen_q + rows, tl.sum(out * grad_out, 1), mask=rows < seqlen_q)
+    out = _load_rows(out_ptr, rows, stride_om, seqlen_q, stride_od, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, True, False)
+    grad_out = _load_rows(
+        grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, True, False
+    )  # (BLOCK_M, BLOCK_DV)
+    delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
+    tl.store(delta_ptr + batch_head.to(tl.int64) * seqlen_q + rows, delta, mask=rows < seqlen_q)
+
+
+@triton.jit
+def _backward_kv_block(
+    grad_k, grad_v, k, v, cols, start_m, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, head_seed, keep_scale,
+    stride_qm, stride_qd, stride_gm, stride_gd, stride_maskm, stride_maskn, stride_stats,
+    seqlen_q, seqlen_k, scale_log2e, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+):
+    """dK and dV of the program's keys, summed over the query rows start_m + [0, BLOCK_M): updated."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    q_t = _load_rows(
+        q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D, ROW_ALIGN, MASKED, True
+    )  # (BLOCK_D, BLOCK_M)
+    grad_out = _load_rows(
+        grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, MASKED, False
+    )  # (BLOCK_M, BLOCK_DV)
+    if MASKED:
+        row_max = tl.load(stats_ptr + rows, mask=rows < seqlen_q, other=0.0)
+        log2_row_sum = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
+        delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
+    else:
+        row_max = tl.load(stats_ptr + rows)
+        log2_row_sum = tl.load(stats_ptr + stride_stats + rows)
+        delta = tl.load(delta_ptr + rows)
+    qk_t = dot(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+    if MASKED:
+        logits_t = _logits_base2(
+            qk_t, rows[None, :], cols[:, None], mask_ptr, stride_maskm, stride_maskn,
+            seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
+        )  # (BLOCK_N, BLOCK_M)
+        probs_t = tl.exp2(logits_t - row_max[None, :] - log2_row_sum[None, :])
+    else:
+        probs_t = tl.exp2(qk_t * scale_log2e - row_max[None, :] - log2_row_sum[None, :])
+    # d(logits) = P * (dP - delta), dP = grad_out v^T times the dropout's keep / (1 - p).
+    grad_probs_t = dot(v, tl.trans(grad_out), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+    if HAS_DROPOUT:
+        keep_t = _dropout_keep(head_seed, rows[None, :], cols[:, None], seqlen_k, dropout_p)
+        kept_probs_t = tl.where(keep_t, probs_t * keep_scale, 0.0)
+        grad_probs_t = tl.where(keep_t, grad_probs_t * keep_scale, 0.0)
+    else:
+        kept_probs_t = probs_t
+    grad_v = dot(rounded_to(kept_probs_t, grad_out_ptr, UPCAST_DOTS), grad_out, grad_v, EXACT_FP32_DOTS, UPCAST_DOTS)
+    grad_logits_t = probs_t * (grad_probs_t - delta[None, :])
+    grad_k = dot(rounded_to(grad_logits_t, q_ptr, UPCAST_DOTS), tl.trans(q_t), grad_k, EXACT_FP32_DOTS, UPCAST_DOTS)
+    return grad_k, grad_v
 
 
 @triton.autotune(
     configs=autotune_configs(BACKWARD_KV_CONFIGS, _INTERPRETER_BACKWARD_KV_CONFIG),
     key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _pruner(_BACKWARD_KV_TABLE)},
 )
 @triton.jit
 def _attention_backward_kv_kernel(
@@ -299,7 +498,7 @@ def _attention_backward_kv_kernel(
     stride_stats, n_heads, seqlen_q, seqlen_k, scale, scale_log2e, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK and dV of one block of BLOCK_N keys, summed over every query row; tiles are (keys, queries)."""
@@ -309,84 +508,117 @@ def _attention_backward_kv_kernel(
     batch_head = pid // n_col_blocks
     batch = (batch_head // n_heads).to(tl.int64)
     head = (batch_head % n_heads).to(tl.int64)
-    q_ptr += batch * stride_qb + head * stride_qh
-    k_ptr += batch * stride_kb + head * stride_kh
-    v_ptr += batch * stride_vb + head * stride_vh
+    q_ptr += _slice_offset(batch, head, stride_qb, stride_qh, ROW_ALIGN)
+    k_ptr += _slice_offset(batch, head, stride_kb, stride_kh, ROW_ALIGN)
+    v_ptr += _slice_offset(batch, head, stride_vb, stride_vh, ROW_ALIGN)
     mask_ptr += batch * stride_maskb + head * stride_maskh
-    grad_out_ptr += batch * stride_gb + head * stride_gh
-    grad_k_ptr += batch * stride_dkb + head * stride_dkh
-    grad_v_ptr += batch * stride_dvb + head * stride_dvh
+    grad_out_ptr += _slice_offset(batch, head, stride_gb, stride_gh, ROW_ALIGN)
+    grad_k_ptr += _slice_offset(batch, head, stride_dkb, stride_dkh, ROW_ALIGN)
+    grad_v_ptr += _slice_offset(batch, head, stride_dvb, stride_dvh, ROW_ALIGN)
     stats_ptr += batch_head.to(tl.int64) * seqlen_q
     delta_ptr += batch_head.to(tl.int64) * seqlen_q
 
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(
-        k_ptr + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0,
-    )  # (BLOCK_N, BLOCK_D)
-    v = tl.load(
-        v_ptr + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-        mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
-    )  # (BLOCK_N, BLOCK_DV)
+    k = _load_rows(k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D, ROW_ALIGN, True, False)
+    v = _load_rows(v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, True, False)
+    head_seed = 0
+    keep_scale = 1.0
     if HAS_DROPOUT:
         head_seed = _head_seed(seed_ptr, batch_head)
         keep_scale = 1.0 / (1.0 - dropout_p)
 
     grad_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     grad_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    row_start = 0
-    if IS_CAUSAL:
-        row_start = (col_block * BLOCK_N // BLOCK_M) * BLOCK_M  # rows above the block's first key see none of it
-    for start_m in range(row_start, seqlen_q, BLOCK_M):
-        rows = start_m + offs_m
-        q_t = tl.load(
-            q_ptr + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-            mask=(rows[None, :] < seqlen_q) & (offs_d[:, None] < HEAD_DIM), other=0.0,
-        )  # (BLOCK_D, BLOCK_M)
-        grad_out = tl.load(
-            grad_out_ptr + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
-            mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
-        )  # (BLOCK_M, BLOCK_DV)
-        row_max = tl.load(stats_ptr + rows, mask=rows < seqlen_q, other=0.0)
-        log2_row_sum = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
-        delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
-        qk_t = dot(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
-        logits_t = _logits_base2(
-            qk_t, rows[None, :], cols[:, None], mask_ptr, stride_maskm, stride_maskn,
-            seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
-        )  # (BLOCK_N, BLOCK_M)
-        probs_t = tl.exp2(logits_t - row_max[None, :] - log2_row_sum[None, :])
-        # d(logits) = P * (dP - delta), dP = grad_out v^T times the dropout's keep / (1 - p).
-        grad_probs_t = dot(v, tl.trans(grad_out), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
-        if HAS_DROPOUT:
-            keep_t = _dropout_keep(head_seed, rows[None, :], cols[:, None], seqlen_k, dropout_p)
-            kept_probs_t = tl.where(keep_t, probs_t * keep_scale, 0.0)
-            grad_probs_t = tl.where(keep_t, grad_probs_t * keep_scale, 0.0)
-        else:
-            kept_probs_t = probs_t
-        grad_v = dot(rounded_to(kept_probs_t, grad_out_ptr, UPCAST_DOTS), grad_out, grad_v, EXACT_FP32_DOTS, UPCAST_DOTS)
-        grad_logits_t = probs_t * (grad_probs_t - delta[None, :])
-        grad_k = dot(rounded_to(grad_logits_t, q_ptr, UPCAST_DOTS), tl.trans(q_t), grad_k, EXACT_FP32_DOTS, UPCAST_DOTS)
+    if MASK_KIND == 0 and not IS_CAUSAL and not EXACT_FP32_DOTS:  # the lean body (see above)
+        lean_end = seqlen_q // BLOCK_M * BLOCK_M  # the whole row blocks
+        for start_m in range(0, lean_end, BLOCK_M):
+            grad_k, grad_v = _backward_kv_block(
+                grad_k, grad_v, k, v, cols, start_m, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
+                head_seed, keep_scale, stride_qm, stride_qd, stride_gm, stride_gd, stride_maskm, stride_maskn,
+                stride_stats, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, False,
+            )
+        if lean_end < seqlen_q:  # the last, partial row block
+            grad_k, grad_v = _backward_kv_block(
+                grad_k, grad_v, k, v, cols, lean_end, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
+                head_seed, keep_scale, stride_qm, stride_qd, stride_gm, stride_gd, stride_maskm, stride_maskn,
+                stride_stats, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True,
+            )
+    else:
+        row_start = 0
+        if IS_CAUSAL:
+            row_start = (col_block * BLOCK_N // BLOCK_M) * BLOCK_M  # rows above the block's first key see none of it
+        for start_m in range(row_start, seqlen_q, BLOCK_M):
+            grad_k, grad_v = _backward_kv_block(
+                grad_k, grad_v, k, v, cols, start_m, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
+                head_seed, keep_scale, stride_qm, stride_qd, stride_gm, stride_gd, stride_maskm, stride_maskn,
+                stride_stats, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True,
+            )
 
     grad_k = grad_k * scale
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     tl.store(
-        grad_k_ptr + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+        grad_k_ptr + _offsets(cols, stride_dkn, ROW_ALIGN)[:, None] + offs_d[None, :] * stride_dkd,
         rounded_to(grad_k, grad_k_ptr, UPCAST_DOTS),
         mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
     )
     tl.store(
-        grad_v_ptr + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+        grad_v_ptr + _offsets(cols, stride_dvn, ROW_ALIGN)[:, None] + offs_dv[None, :] * stride_dvd,
         rounded_to(grad_v, grad_v_ptr, UPCAST_DOTS),
         mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V),
     )
 
 
+@triton.jit
+def _backward_q_block(
+    grad_q, q, grad_out, row_max, log2_row_sum, delta, rows, start_n, k_ptr, v_ptr, mask_ptr, grad_bias_ptr,
+    head_seed, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
+    seqlen_q, seqlen_k, scale_log2e, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_NEEDS_GRAD: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+):
+    """dQ of the program's query rows over the keys start_n + [0, BLOCK_N), and their bias gradient."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k_t = _load_rows(
+        k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D, ROW_ALIGN, MASKED, True
+    )  # (BLOCK_D, BLOCK_N)
+    v_t = _load_rows(
+        v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, MASKED, True
+    )  # (BLOCK_DV, BLOCK_N)
+    qk = dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+    if MASKED:
+        logits = _logits_base2(
+            qk, rows[:, None], cols[None, :], mask_ptr, stride_maskm, stride_maskn,
+            seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
+        )  # (BLOCK_M, BLOCK_N)
+        probs = tl.exp2(logits - row_max[:, None] - log2_row_sum[:, None])
+    else:
+        probs = tl.exp2(qk * scale_log2e - row_max[:, None] - log2_row_sum[:, None])
+    grad_probs = dot(grad_out, v_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(head_seed, rows[:, None], cols[None, :], seqlen_k, dropout_p)
+        grad_probs = tl.where(keep, grad_probs * keep_scale, 0.0)
+    grad_logits = probs * (grad_probs - delta[:, None])  # (BLOCK_M, BLOCK_N)
+    if BIAS_NEEDS_GRAD:
+        tl.store(
+            grad_bias_ptr + rows[:, None] * seqlen_k + cols[None, :], grad_logits,
+            mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k),
+        )
+    return dot(rounded_to(grad_logits, k_ptr, UPCAST_DOTS), tl.trans(k_t), grad_q, EXACT_FP32_DOTS, UPCAST_DOTS)
+
+
 @triton.autotune(
     configs=autotune_configs(BACKWARD_Q_CONFIGS, _INTERPRETER_BACKWARD_Q_CONFIG),
     key=_AUTOTUNE_KEY + ["BIAS_NEEDS_GRAD"],
+    prune_configs_by={"early_config_prune": _pruner(_BACKWARD_Q_TABLE)},
 )
 @triton.jit
 def _attention_backward_q_kernel(
@@ -400,7 +632,7 @@ def _attention_backward_q_kernel(
     stride_stats, n_heads, seqlen_q, seqlen_k, scale, scale_log2e, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_NEEDS_GRAD: tl.constexpr,
-    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one block of BLOCK_M query rows, and the bias gradient d(logits) of those rows."""
@@ -410,70 +642,66 @@ def _attention_backward_q_kernel(
     batch_head = pid // n_row_blocks
     batch = (batch_head // n_heads).to(tl.int64)
     head = (batch_head % n_heads).to(tl.int64)
-    q_ptr += batch * stride_qb + head * stride_qh
-    k_ptr += batch * stride_kb + head * stride_kh
-    v_ptr += batch * stride_vb + head * stride_vh
+    q_ptr += _slice_offset(batch, head, stride_qb, stride_qh, ROW_ALIGN)
+    k_ptr += _slice_offset(batch, head, stride_kb, stride_kh, ROW_ALIGN)
+    v_ptr += _slice_offset(batch, head, stride_vb, stride_vh, ROW_ALIGN)
     mask_ptr += batch * stride_maskb + head * stride_maskh
-    grad_out_ptr += batch * stride_gb + head * stride_gh
-    grad_q_ptr += batch * stride_dqb + head * stride_dqh
+    grad_out_ptr += _slice_offset(batch, head, stride_gb, stride_gh, ROW_ALIGN)
+    grad_q_ptr += _slice_offset(batch, head, stride_dqb, stride_dqh, ROW_ALIGN)
     grad_bias_ptr += batch_head.to(tl.int64) * seqlen_q * seqlen_k  # a contiguous (B, H, Nq, Nk) tensor
     stats_ptr += batch_head.to(tl.int64) * seqlen_q
     delta_ptr += batch_head.to(tl.int64) * seqlen_q
 
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(
-        q_ptr + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0,
-    )  # (BLOCK_M, BLOCK_D)
-    grad_out = tl.load(
-        grad_out_ptr + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
-        mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
+    q = _load_rows(q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D, ROW_ALIGN, True, False)
+    grad_out = _load_rows(
+        grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, True, False
     )  # (BLOCK_M, BLOCK_DV)
     row_max = tl.load(stats_ptr + rows, mask=rows < seqlen_q, other=0.0)
     log2_row_sum = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
+    head_seed = 0
+    keep_scale = 1.0
     if HAS_DROPOUT:
         head_seed = _head_seed(seed_ptr, batch_head)
         keep_scale = 1.0 / (1.0 - dropout_p)
 
     grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    key_end = seqlen_k
-    if IS_CAUSAL:
-        key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)
-    for start_n in range(0, key_end, BLOCK_N):
-        cols = start_n + offs_n
-        k_t = tl.load(
-            k_ptr + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-            mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0,
-        )  # (BLOCK_D, BLOCK_N)
-        v_t = tl.load(
-            v_ptr + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-            mask=(cols[None, :] < seqlen_k) & (offs_dv[:, None] < HEAD_DIM_V), other=0.0,
-        )  # (BLOCK_DV, BLOCK_N)
-        qk = dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
-        logits = _logits_base2(
-            qk, rows[:, None], cols[None, :], mask_ptr, stride_maskm, stride_maskn,
-            seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
-        )  # (BLOCK_M, BLOCK_N)
-        probs = tl.exp2(logits - row_max[:, None] - log2_row_sum[:, None])
-        grad_probs = dot(grad_out, v_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(head_seed, rows[:, None], cols[None, :], seqlen_k, dropout_p)
-            grad_probs = tl.where(keep, grad_probs * keep_scale, 0.0)
-        grad_logits = probs * (grad_probs - delta[:, None])  # (BLOCK_M, BLOCK_N)
-        if BIAS_NEEDS_GRAD:
-            tl.store(
-                grad_bias_ptr + rows[:, None] * seqlen_k + cols[None, :], grad_logits,
-                mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k),
+    if MASK_KIND == 0 and not IS_CAUSAL and not EXACT_FP32_DOTS:  # the lean body (see above)
+        lean_end = seqlen_k // BLOCK_N * BLOCK_N  # the whole blocks
+        for start_n in range(0, lean_end, BLOCK_N):
+            grad_q = _backward_q_block(
+                grad_q, q, grad_out, row_max, log2_row_sum, delta, rows, start_n, k_ptr, v_ptr, mask_ptr,
+                grad_bias_ptr, head_seed, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_maskm, stride_maskn, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, BIAS_NEEDS_GRAD,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, False,
             )
-        grad_q = dot(rounded_to(grad_logits, k_ptr, UPCAST_DOTS), tl.trans(k_t), grad_q, EXACT_FP32_DOTS, UPCAST_DOTS)
+        if lean_end < seqlen_k:  # the last, partial block
+            grad_q = _backward_q_block(
+                grad_q, q, grad_out, row_max, log2_row_sum, delta, rows, lean_end, k_ptr, v_ptr, mask_ptr,
+                grad_bias_ptr, head_seed, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_maskm, stride_maskn, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, BIAS_NEEDS_GRAD,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True,
+            )
+    else:
+        key_end = seqlen_k
+        if IS_CAUSAL:
+            key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)
+        for start_n in range(0, key_end, BLOCK_N):
+            grad_q = _backward_q_block(
+                grad_q, q, grad_out, row_max, log2_row_sum, delta, rows, start_n, k_ptr, v_ptr, mask_ptr,
+                grad_bias_ptr, head_seed, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_maskm, stride_maskn, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, BIAS_NEEDS_GRAD,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True,
+            )
 
     grad_q = grad_q * scale
+    offs_d = tl.arange(0, BLOCK_D)
     tl.store(
-        grad_q_ptr + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+        grad_q_ptr + _offsets(rows, stride_dqm, ROW_ALIGN)[:, None] + offs_d[None, :] * stride_dqd,
         rounded_to(grad_q, grad_q_ptr, UPCAST_DOTS),
         mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM),
     )
@@ -521,6 +749,14 @@ def _mask_arguments(q, k, mask):
     batch, heads, seqlen_q, _ = q.shape
     expanded = mask.expand(batch, heads, seqlen_q, k.shape[2])  # a view: broadcast dims get stride 0
     return expanded, expanded.stride(), MASK_BOOL if mask.dtype == torch.bool else MASK_BIAS
+
+
+def _row_align(*tensors: torch.Tensor) -> int:
+    """ROW_ALIGN for kernels that read or write ``tensors`` (of one dtype): 16 bytes in elements if
+    every stride but the head dim's is a multiple of it, so each row of each (batch, head) slice
+    starts 16 bytes apart from the pointer (vector loads and cp.async then apply), else 1."""
+    vector = 16 // tensors[0].element_size()
+    return vector if all(stride % vector == 0 for t in tensors for stride in t.stride()[:-1]) else 1
 
 
 def _kernel_constants(q, v, dropout_p, allow_tf32):
@@ -575,7 +811,8 @@ def attention_forward(
         q, k, v, mask_ptr, seed, out, stats,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(), stats.stride(0),
         heads, seqlen_q, seqlen_k, scale * LOG2E, dropout_p,
-        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, **_kernel_constants(q, v, dropout_p, allow_tf32),
+        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, NEGATIVE_SCALE=scale < 0, ROW_ALIGN=_row_align(q, k, v, out),
+        **_kernel_constants(q, v, dropout_p, allow_tf32),
     )
     return out, stats
 
@@ -603,15 +840,18 @@ def attention_backward(
     mask_ptr, mask_strides, mask_kind = _mask_arguments(q, k, mask)
     seed = dropout_seed if dropout_seed is not None else stats  # unread without dropout
 
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    constants["ROW_ALIGN"] = _row_align(q, k, v, out, grad_out, grad_q, grad_k, grad_v)
+
     delta = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
     torch.library.wrap_triton(_attention_backward_delta_kernel)[
         attention_grid(seqlen_q, batch * heads, _PREPASS_BLOCK_M)
     ](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seqlen_q,
-        HEAD_DIM_V=head_dim_v, BLOCK_DV=constants["BLOCK_DV"], BLOCK_M=_PREPASS_BLOCK_M,
+        HEAD_DIM_V=head_dim_v, BLOCK_DV=constants["BLOCK_DV"], ROW_ALIGN=constants["ROW_ALIGN"],
+        BLOCK_M=_PREPASS_BLOCK_M,
     )
 
-    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     # Zeros: the blocks a causal mask skips are never written, and their gradient is 0. Without a
     # bias gradient the dQ kernel gets delta in its place, never written (BIAS_NEEDS_GRAD is off).
     grad_bias = (

@@ -1,0 +1,349 @@
+"""The first thing to run on a GPU: are the kernels right there, and how fast are they, in one command.
+
+    python -m bench.gpu_check                       # writes bench/gpu_check.md and prints it
+    python -m bench.gpu_check --budget 300 --out /tmp/check.md
+
+Three phases, each stopped by the clock (``--budget`` seconds in all, 300 by default, so that
+the whole run, Triton's compiling and autotuning included, fits a 6-minute slot on an H100/H200;
+a phase the clock stopped says so, and a second run, with Triton's cache warm, gets further):
+1. Correctness at the four ViT shapes of ``bench.sass.SHAPES`` (ViT-B/16, ViT-L/16 at 384,
+   ViT-H/14, SigLIP-So400m), bf16, q/k/v views of a fused qkv: the output and the qkv gradient
+   against the float64 einsum reference, by the tests' rule (``tests.equivalence``).
+2. Attention timings at ViT-B/16 (B=256) and ViT-L/16-384 (B=64), bf16, forward and forward +
+   backward, and B=1 forward latency: ours against SDPA's flash, cuDNN and efficient backends and
+   compiled FlexAttention.
+3. The patch projection at ViT-B/16 (B=256) against Conv2d + flatten + cat + add, and at B=1.
+Then a markdown table (time, TFLOP/s, the fastest peer's time over each provider's, the fraction
+of the roofline measured by ``bench.roofline``) for bench/RESULTS.md. A peer that fails is
+recorded with its error, not fatal. Timing is
+``triton.testing.do_bench`` (CUDA events, median), after a first call that compiles and autotunes.
+Without a CUDA GPU it says so in one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+EXIT_NO_GPU = 2
+DEVICE = "cuda"
+# A phase starts no new piece of work after this fraction of the budget: one piece (a first call
+# that compiles and autotunes) can take a minute, so the last phase ends early.
+PHASE_ENDS = {"correctness": 0.45, "attention": 0.80, "patch": 0.90}
+TIMED = [("vit_b16", 256), ("vit_l16_384", 64)]  # (shape, batch) of the attention timings
+# The timed shapes first (their compiling and autotuning is then done for the timings too), then
+# D = 72 (alignment hints) and D = 80.
+CORRECTNESS_ORDER = ["vit_b16", "vit_l16_384", "siglip_so400m", "vit_h14"]
+PATCH_EMBED = {"image": 224, "patch": 16, "dim": 768, "batch": 256}  # ViT-B/16's, timed
+
+
+class Clock:
+    """Seconds since the start, and whether a phase may start one more piece of work."""
+
+    def __init__(self, budget: float):
+        self.start, self.budget = time.perf_counter(), budget
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def allows(self, phase: str) -> bool:
+        return self.elapsed() < PHASE_ENDS[phase] * self.budget
+
+
+def _one_line(error: BaseException, limit: int = 160) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _heads_first(qkv):
+    """(B, N, 3, H, D) -> q, k, v as (B, H, N, D) views, as timm calls SDPA."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _free() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Correctness.
+
+
+def check_correctness(clock: Clock) -> list[dict]:
+    """One row per shape: the max errors of the output and the qkv gradient, and whether they pass."""
+    import kernels
+    from bench.sass import SHAPES
+    from kernels.reference import attention_reference
+    from tests.equivalence import assert_close_to_reference
+
+    rows = []
+    for name in CORRECTNESS_ORDER:
+        shape = SHAPES[name]
+        row = {"shape": name, "B, H, N, D": f"{shape.batch}, {shape.heads}, {shape.tokens}, {shape.head_dim}"}
+        rows.append(row)
+        if not clock.allows("correctness"):
+            row["result"] = "not run: out of time"
+            continue
+        try:
+            generator = torch.Generator(device=DEVICE).manual_seed(0)
+            size = (shape.batch, shape.tokens, 3, shape.heads, shape.head_dim)
+            qkv = torch.randn(size, device=DEVICE, generator=generator).to(torch.bfloat16).requires_grad_()
+            grad_out = torch.randn(shape.batch, shape.heads, shape.tokens, shape.head_dim, device=DEVICE,
+                                   generator=generator).to(torch.bfloat16)
+            outputs = {}
+            for run, dtype in (("ours", torch.bfloat16), ("float64", torch.float64), ("bf16", torch.bfloat16)):
+                leaf = qkv if run == "ours" else qkv.detach().to(dtype).requires_grad_()
+                q, k, v = _heads_first(leaf)
+                out = kernels.attention(q, k, v, backend="triton") if run == "ours" else attention_reference(q, k, v)
+                (grad,) = torch.autograd.grad(out, leaf, grad_out.to(dtype))
+                outputs[run] = (out.detach(), grad)
+            errors = []
+            for index, what in enumerate(("output", "grad qkv")):
+                ours, exact, low = (outputs[run][index] for run in ("ours", "float64", "bf16"))
+                errors.append(f"{what} {(ours.double() - exact).abs().max().item():.2e}")
+                assert_close_to_reference(ours, exact, low, name=what)
+            row["result"] = "pass (" + ", ".join(errors) + ")"
+        except AssertionError as error:
+            row["result"] = f"FAIL: {_one_line(error, 300)}"
+        except Exception as error:  # noqa: BLE001 - recorded, the next shape still runs
+            row["result"] = f"ERROR: {_one_line(error, 300)}"
+        finally:
+            outputs = qkv = grad_out = None
+            _free()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 and 3. Timings.
+
+
+def _timed(fn) -> float:
+    """Median milliseconds of ``fn`` after a first call (compile, autotune) outside the timing."""
+    import triton.testing
+
+    fn()
+    _free()
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def _attention_providers():
+    """{provider: (role, attend(q, k, v) -> out, SDPA backend to force around its timing or None)}."""
+    from torch.nn.attention import SDPBackend
+
+    import kernels
+
+    def sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    compiled = []
+
+    def flex(q, k, v):  # compiled on first use: compiling is part of the untimed first call
+        if not compiled:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            compiled.append(torch.compile(flex_attention, dynamic=False))
+        return compiled[0](q, k, v)
+
+    return {
+        "vitriton": ("ours", lambda q, k, v: kernels.attention(q, k, v, backend="triton"), None),
+        "sdpa-flash": ("peer", sdpa, SDPBackend.FLASH_ATTENTION),
+        "sdpa-cudnn": ("peer", sdpa, SDPBackend.CUDNN_ATTENTION),
+        "sdpa-efficient": ("peer", sdpa, SDPBackend.EFFICIENT_ATTENTION),
+        "flex-compiled": ("peer", flex, None),
+    }
+
+
+def time_attention(clock: Clock, limits) -> list[dict]:
+    import contextlib
+
+    from torch.nn.attention import sdpa_kernel
+
+    from bench.roofline import attention_work
+    from bench.sass import SHAPES
+
+    cases = [(name, batch, backward) for name, batch in TIMED for backward in (False, True)]
+    cases.append(("vit_b16", 1, False))  # latency
+    rows = []
+    for name, batch, backward in cases:
+        shape = SHAPES[name]
+        b, h, n, d = batch, shape.heads, shape.tokens, shape.head_dim
+        case = f"attention {name} B={b} bf16 {'fwd+bwd' if backward else 'fwd'}"
+        work = attention_work(b, h, n, n, d, torch.bfloat16, backward)
+        qkv = torch.randn(b, n, 3, h, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=backward)
+        grad_out = torch.randn(b, h, n, d, device=DEVICE, dtype=torch.bfloat16) if backward else None
+        for provider, (role, attend, backend) in _attention_providers().items():
+            row = {"case": case, "provider": provider, "role": role}
+            rows.append(row)
+            if not clock.allows("attention"):
+                row["error"] = "not run: out of time"
+                continue
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                row.update(_time_one(attend, qkv, grad_out, work, limits))
+        qkv = grad_out = None
+        _free()
+    return rows
+
+
+def _time_one(attend, qkv, grad_out, work, limits) -> dict:
+    """Time ``attend`` on the views of ``qkv`` (and the qkv gradient when ``grad_out``); on contiguous
+    copies, made inside the timed call, if the views are refused."""
+    def contiguous(q, k, v):
+        return attend(q.contiguous(), k.contiguous(), v.contiguous())
+
+    last_error = None
+    for inputs, call in (("views", attend), ("contiguous copies", contiguous)):
+        if grad_out is None:
+            def fn(call=call):
+                call(*_heads_first(qkv))
+        else:
+            def fn(call=call):
+                torch.autograd.grad(call(*_heads_first(qkv)), qkv, grad_out)
+        try:
+            ms = _timed(fn)
+        except Exception as error:  # noqa: BLE001 - tried on copies, then recorded
+            last_error = error
+            _free()
+            continue
+        facts = {"ms": ms, "inputs": inputs}
+        if limits is not None:
+            facts.update(limits.describe(work, ms / 1e3))
+        return facts
+    return {"error": _one_line(last_error)}
+
+
+def conv_patch_embed(images, weight, bias, cls_token, pos_embed):
+    """What a PyTorch ViT runs: (B, C, H, W) -> (B, 1 + N, D)."""
+    tokens = torch.nn.functional.conv2d(images, weight, bias, stride=weight.shape[-1])  # (B, D, H/P, W/P)
+    tokens = tokens.flatten(2).transpose(1, 2)  # (B, N, D)
+    tokens = torch.cat([cls_token.expand(images.shape[0], -1, -1), tokens], dim=1)  # (B, 1 + N, D)
+    return tokens + pos_embed
+
+
+def time_patch_embed(clock: Clock, limits) -> list[dict]:
+    """ViT-B/16's patch projection (224 px, P=16, D=768), bf16, B=256 forward and forward + backward
+    (weight, bias, class token and position gradients), B=1 forward; cuDNN picks its fastest conv."""
+    import kernels
+    from bench.roofline import patch_embed_work
+
+    image, patch, dim = PATCH_EMBED["image"], PATCH_EMBED["patch"], PATCH_EMBED["dim"]
+    n_tokens = 1 + (image // patch) ** 2
+    providers = {
+        "vitriton": ("ours", lambda *tensors: kernels.patch_embed(*tensors, backend="triton")),
+        "conv2d": ("peer", conv_patch_embed),
+    }
+    rows = []
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        for batch, backward in ((PATCH_EMBED["batch"], False), (PATCH_EMBED["batch"], True), (1, False)):
+            case = f"patch_embed vit_b16 B={batch} bf16 {'fwd+bwd' if backward else 'fwd'}"
+            work = patch_embed_work(batch, 3, image, patch, dim, torch.bfloat16, backward)
+            images = torch.randn(batch, 3, image, image, device=DEVICE, dtype=torch.bfloat16)
+            params = [
+                (torch.randn(*size, device=DEVICE, dtype=torch.bfloat16) * 0.02).requires_grad_(backward)
+                for size in ((dim, 3, patch, patch), (dim,), (1, 1, dim), (1, n_tokens, dim))
+            ]
+            grad_out = torch.randn(batch, n_tokens, dim, device=DEVICE, dtype=torch.bfloat16)
+            for provider, (role, embed) in providers.items():
+                row = {"case": case, "provider": provider, "role": role}
+                rows.append(row)
+                if not clock.allows("patch"):
+                    row["error"] = "not run: out of time"
+                    continue
+
+                def fn(embed=embed, images=images, params=params, backward=backward, grad_out=grad_out):
+                    tokens = embed(images, *params)
+                    if backward:
+                        torch.autograd.grad(tokens, params, grad_out)
+
+                try:
+                    ms = _timed(fn)
+                except Exception as error:  # noqa: BLE001 - recorded, not fatal
+                    row["error"] = _one_line(error)
+                    _free()
+                    continue
+                row.update(ms=ms, inputs="contiguous images", **(limits.describe(work, ms / 1e3) if limits else {}))
+            images = params = grad_out = None
+            _free()
+    finally:
+        torch.backends.cudnn.benchmark = previous
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The report.
+
+
+def markdown(header: list[str], correctness: list[dict], timings: list[dict]) -> str:
+    lines = ["## GPU check (`python -m bench.gpu_check`)", "", *[f"- {line}" for line in header], ""]
+    lines += ["### Correctness: bf16 output and qkv gradient against float64", "",
+              "| shape | B, H, N, D | result |", "|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['B, H, N, D']} | {r['result']} |" for r in correctness]
+    lines += ["", "### Timings", "",
+              ("\"vs fastest peer\": the fastest peer's time over this provider's (above 1: faster than every "
+               "peer); \"roofline\": the share of the binding limit (compute or memory) reached."), "",
+              "| case | provider | ms | TFLOP/s | vs fastest peer | roofline | inputs / error |",
+              "|---|---|---:|---:|---:|---:|---|"]
+    fastest = {}
+    for r in timings:
+        if r["role"] == "peer" and "ms" in r:
+            fastest[r["case"]] = min(fastest.get(r["case"], float("inf")), r["ms"])
+    for r in timings:
+        if "ms" not in r:
+            lines.append(f"| {r['case']} | {r['provider']} | | | | | {r['error']} |")
+            continue
+        ratio = f"{fastest[r['case']] / r['ms']:.2f}x" if r["case"] in fastest else "no peer ran"
+        tflops = f"{r['tflops']:.1f}" if "tflops" in r else ""
+        roofline = f"{r['roofline_fraction']:.0%} ({r['bound']})" if "roofline_fraction" in r else ""
+        lines.append(f"| {r['case']} | {r['provider']} | {r['ms']:.3f} | {tflops} | {ratio} | {roofline} | {r['inputs']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds for the three phases (default 300)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "gpu_check.md")
+    options = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.gpu_check: no CUDA GPU here (torch.cuda.is_available() is False): nothing checked or timed",
+              file=sys.stderr)
+        return EXIT_NO_GPU
+    import triton
+
+    from bench.roofline import measure_limits
+
+    clock = Clock(options.budget)
+    print(f"bench.gpu_check on {torch.cuda.get_device_name()}: budget {options.budget:.0f} s", flush=True)
+    try:
+        limits = measure_limits(torch.device("cuda"))
+    except Exception as error:  # noqa: BLE001 - timings without roofline fractions
+        limits, limits_text = None, f"limits not measured: {_one_line(error)}"
+    else:
+        limits_text = f"limits: {limits.tflops:.0f} TFLOP/s ({limits.tflops_how}), {limits.gbs:.0f} GB/s ({limits.gbs_how})"
+    correctness = check_correctness(clock)
+    print(f"correctness done at {clock.elapsed():.0f} s", flush=True)
+    timings = time_attention(clock, limits)
+    print(f"attention timed at {clock.elapsed():.0f} s", flush=True)
+    timings += time_patch_embed(clock, limits)
+    header = [
+        (f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "
+         f"CUDA {torch.version.cuda}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"),
+        limits_text,
+        ("timing: triton.testing.do_bench median (CUDA events) after a first call that compiles and autotunes; "
+         f"whole run {clock.elapsed():.0f} s"),
+    ]
+    report = markdown(header, correctness, timings)
+    options.out.write_text(report)
+    print(report)
+    print(f"written to {options.out}")
+    failed = any(not r["result"].startswith(("pass", "not run")) for r in correctness)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

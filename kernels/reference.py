@@ -129,17 +129,21 @@ def _collect(held: list[torch.Tensor], part: torch.Tensor, summed: bool) -> None
         held.append(part)
 
 
-def _over_chunks(shape, compute, summed: tuple[tuple[int, ...], ...], into: tuple | None = None) -> tuple:
+def _over_chunks(shape, compute, summed: tuple[tuple[int, ...], ...], into=None) -> tuple:
     """Run ``compute(batch, heads, rows, index)`` on every chunk and put each of its outputs together.
 
     Output n's parts are concatenated along the batch, head and query-row dims (0, 1, 2), or
     added up along the dims in ``summed[n]``, those it does not have (k's gradient has no query
-    rows; a bias may be broadcast along any of the three). ``into``: the outputs, allocated
-    beforehand (zeros where summed) for plain tensors (see ``_plain``), the parts written into
-    them; else the parts are concatenated, as autograd and vmap can follow.
+    rows; a bias may be broadcast along any of the three). ``into``: for plain tensors (see
+    ``_plain``), a function allocating the outputs (zeros where summed) that the parts are written
+    into; else the parts are concatenated, as autograd and vmap can follow. One chunk's parts are
+    the outputs themselves.
     """
     cuts = _chunks(shape)
+    if all(len(cut) == 1 for cut in cuts):
+        return tuple(compute(*(cut[0] for cut in cuts), 0))
     if into is not None:
+        into = into()
         for index, chunk in enumerate(itertools.product(*cuts)):
             for whole, part, dims in zip(into, compute(*chunk, index), summed):
                 where = whole[tuple(slice(None) if d in dims else cut for d, cut in enumerate(chunk))]
@@ -284,11 +288,11 @@ class _ChunkedAttention(torch.autograd.Function):
             return grads
 
         summed = ((), (2,), (2,)) + ((tuple(d for d in range(3) if bias.shape[d] == 1),) if bias_grad else ())
-        into = None
-        if plain:
-            into = (torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v))
-            into += (torch.zeros_like(bias),) if bias_grad else ()
-        grad_q, grad_k, grad_v, *grad_bias = _over_chunks(shape, chunk, summed, into)
+        def into():
+            grads = (torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v))
+            return grads + ((torch.zeros_like(bias),) if bias_grad else ())
+
+        grad_q, grad_k, grad_v, *grad_bias = _over_chunks(shape, chunk, summed, into if plain else None)
         return grad_q, grad_k, grad_v, grad_bias[0] if bias_grad else None, None, None, None, None
 
     @staticmethod
@@ -338,7 +342,9 @@ def _forward(q, k, v, bias, mask, is_causal: bool, dropout_p: float, seed: int |
             weights = weights.mul_(keep) if plain else weights * keep
         return weights @ _piece(v, batch, heads), row_max, row_sum
 
-    into = (q.new_empty(*shape[:3], v.shape[-1]), q.new_empty(*shape[:3], 1), q.new_empty(*shape[:3], 1))
+    def into():
+        return q.new_empty(*shape[:3], v.shape[-1]), q.new_empty(*shape[:3], 1), q.new_empty(*shape[:3], 1)
+
     out, row_max, row_sum = _over_chunks(shape, chunk, ((), (), ()), into if plain else None)
     row_sum = row_sum.masked_fill_(row_sum == 0, 1.0)  # a row with no key: its output 0 / 1, not 0 / 0
     # Normalised after p v, all chunks at once: Nq x Dv divisions, not Nq x Nk.

@@ -15,9 +15,9 @@ a phase the clock stopped says so, and a second run, with Triton's cache warm, g
 3. The patch projection at ViT-B/16 (B=256) against Conv2d + flatten + cat + add, and at B=1.
 Then a markdown table (time, TFLOP/s, the fastest peer's time over each provider's, the fraction
 of the roofline measured by ``bench.roofline``) for bench/RESULTS.md. A peer that fails is
-recorded with its error, not fatal. Timing is
-``triton.testing.do_bench`` (CUDA events, median), after a first call that compiles and autotunes.
-Without a CUDA GPU it says so in one line and exits with status 2.
+recorded with its error, not fatal. Timing is ``triton.testing.do_bench`` (CUDA events, median),
+after a first call that compiles and autotunes. Run it from the repository root. Exit status: 0,
+1 if a shape failed the correctness check, 2 (and one line saying so) without a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -128,7 +128,10 @@ def _timed(fn) -> float:
 
     fn()
     _free()
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+    try:
+        return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+    except TypeError:  # a Triton without return_mode
+        return triton.testing.do_bench(fn, warmup=10, rep=60, quantiles=[0.5])[0]
 
 
 def _attention_providers():
@@ -168,6 +171,7 @@ def time_attention(clock: Clock, limits) -> list[dict]:
 
     cases = [(name, batch, backward) for name, batch in TIMED for backward in (False, True)]
     cases.append(("vit_b16", 1, False))  # latency
+    providers = _attention_providers()
     rows = []
     for name, batch, backward in cases:
         shape = SHAPES[name]
@@ -176,7 +180,7 @@ def time_attention(clock: Clock, limits) -> list[dict]:
         work = attention_work(b, h, n, n, d, torch.bfloat16, backward)
         qkv = torch.randn(b, n, 3, h, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=backward)
         grad_out = torch.randn(b, h, n, d, device=DEVICE, dtype=torch.bfloat16) if backward else None
-        for provider, (role, attend, backend) in _attention_providers().items():
+        for provider, (role, attend, backend) in providers.items():
             row = {"case": case, "provider": provider, "role": role}
             rows.append(row)
             if not clock.allows("attention"):

@@ -49,12 +49,11 @@ Inputs and layout
 - Offsets inside one (batch, head) slice are int32 (the slice base is int64): each of q, k, v,
   the expanded mask and, with dropout, Nq * Nk must stay below 2**31 elements per slice.
 
-Block sizes: ``triton.autotune`` picks among the configs below per (Nq, Nk, D, Dv, mask kind,
-causal, dropout, dtype). Meant for the ViT shapes (N = 197, 257, 577; D = 64, 80, 96): 64x32 and
-32x32 waste less of the last block at N = 197 (197 = 3*64 + 5 = 6*32 + 5), 64x64 and 128x64 with
-3-4 stages suit Hopper at 257 and 577, 128x128 longer sequences; the small ones also keep D = 256
-within registers and shared memory. Which ones win is to be measured on a GPU (bench/); none of
-this was timed when it was written. In Triton's interpreter one config runs.
+Block sizes: ``triton.autotune`` picks per (Nq, Nk, D, Dv, mask kind, causal, dropout, dtype,
+exact fp32) among the configs of the tables below, pruned per launch to those that compile to
+Hopper's wgmma without spilling registers (read off the machine code with ``python -m bench.sass``;
+``tests/test_sass.py`` holds it at the ViT shapes). Which ones win is to be measured on a GPU
+(``python -m bench.gpu_check``). In Triton's interpreter one config runs.
 
 ``torch.compile``: the forward and backward are ``torch.library.triton_op`` custom ops
 (``vitriton::attention_forward``, ``vitriton::attention_backward``) with ``register_autograd``, so
@@ -81,9 +80,8 @@ MASK_NONE, MASK_BOOL, MASK_BIAS = 0, 1, 2
 # none does (BLOCK_D 256 in dK/dV, exact fp32), the least bad. Tiles under 64 rows per warpgroup fall
 # to mma.sync (half of wgmma's rate): only exact fp32 (no tensor cores) and fp32 at 256 keep them.
 # A mask, causal or dropout (a heavier loop body) keeps only tiles of at most 16 scores per thread,
-# where the others spill. (128, 128) and (64, 64, 4 warps, 3 stages) at BLOCK_D 128 would need
-# more shared memory than there is with a mask (TF32 too); 4 stages of (64, 64) compiled to the same
-# code as 3.
+# where the others spill. Left out: (128, 128) at BLOCK_D 128, over the shared memory with a mask
+# (and (64, 64, 4 warps, 3 stages) there in TF32); 4 stages of (64, 64), the loop of 3 stages.
 F16, TF32, FMA = "f16", "tf32", "fma"  # fp16/bf16 tensor cores; fp32 on them as TF32; exact fp32 FMAs
 _UP_TO_64, _UP_TO_128, _ALL = (16, 32, 64), (16, 32, 64, 128), (16, 32, 64, 128, 256)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, {dot kind: the BLOCK_D it is tried at})
@@ -172,15 +170,15 @@ _KEEP_MASK_BLOCK_M, _KEEP_MASK_BLOCK_N = 32, 64
 # ---------------------------------------------------------------------------------------------
 # Triton kernels and their jit helpers.
 #
-# Each kernel loops over blocks of keys (forward, dQ) or of queries (dK/dV). Without a mask tensor
-# or a causal mask, every block but the last, partial one is whole and every row may attend every
-# key in it: those run the lean body (MASKED=False): no bounds checks, and the scale folded into
-# the exponent, one FFMA per score (``exp2(qk * scale_log2e - m)``). The last block, and every
-# block under a bool mask, a bias or a causal mask, run the masked body, which sends each logit
-# that may not be attended to -inf. So do exact fp32 dots (no tensor cores): with a lean loop and
-# a masked block Triton's FMA dots spill registers by the kilobyte. Rows past Nq (forward, dQ) and keys past Nk (dK/dV) of the
-# program's own block are loaded as zeros; the garbage they compute stays in their own rows of
-# the result, which are never stored, so the lean body needs no mask for them.
+# Each kernel loops over blocks of keys (forward, dQ) or of queries (dK/dV). Without a mask tensor,
+# causal mask or exact fp32 dots, every block but the last, partial one is whole and every row may
+# attend every key in it: those run the lean body (MASKED=False), with no bounds checks and the
+# scale folded into the exponent, one FFMA per score (``exp2(qk * scale_log2e - m)``). The last
+# block, and every block otherwise, run the masked body, which sends each logit that may not be
+# attended to -inf. (Exact fp32 dots, FMAs rather than tensor cores, spill registers by the
+# kilobyte beside a second copy of the body.) Rows past Nq (forward, dQ) and keys past Nk (dK/dV)
+# of the program's own block are loaded as zeros; the garbage they compute stays in their own rows
+# of the result, never stored, so the lean body needs no mask for them.
 
 
 @triton.jit
@@ -256,16 +254,14 @@ def _load_rows(
     offs_d = tl.arange(0, BLOCK_D)
     if TRANSPOSED:
         ptrs = ptr + _offsets(index, stride, ROW_ALIGN)[None, :] + offs_d[:, None] * stride_d
-        inside = (index[None, :] < length) & (offs_d[:, None] < HEAD_DIM)
-        inside_d = offs_d[:, None] < HEAD_DIM
+        in_length, in_head = index[None, :] < length, offs_d[:, None] < HEAD_DIM
     else:
         ptrs = ptr + _offsets(index, stride, ROW_ALIGN)[:, None] + offs_d[None, :] * stride_d
-        inside = (index[:, None] < length) & (offs_d[None, :] < HEAD_DIM)
-        inside_d = offs_d[None, :] < HEAD_DIM
+        in_length, in_head = index[:, None] < length, offs_d[None, :] < HEAD_DIM
     if CHECK_LENGTH:
-        tile = tl.load(ptrs, mask=inside, other=0.0)
+        tile = tl.load(ptrs, mask=in_length & in_head, other=0.0)
     elif HEAD_DIM != BLOCK_D:
-        tile = tl.load(ptrs, mask=inside_d, other=0.0)
+        tile = tl.load(ptrs, mask=in_head, other=0.0)
     else:
         tile = tl.load(ptrs)
     return tile

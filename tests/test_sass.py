@@ -16,7 +16,8 @@ What is compiled: bf16 at the four shapes, fp16 at ViT-B/16 and SigLIP (head-dim
 shapes (same head-dim blocks, other lengths and head counts) would add about 40 s for no new fact.
 The patch projection is not checked here (``python -m bench.sass`` reports it). The compiles run
 once per module, in three subprocesses (TRITON_INTERPRET=0) two at a time; the SASS-reading
-heuristics are tested first on hand-written SASS.
+heuristics are tested first on hand-written SASS. Last, ``bench/gpu_check.py``: without a GPU it
+says so in one line, and its table's ratios are to the fastest peer.
 """
 
 import json
@@ -172,3 +173,36 @@ def test_forward_main_loop_at_vit_b16_is_lean(compiled, dtype):
     forward = [e for e in compiled["vit_b16", dtype] if e["kernel"] == "_attention_forward_kernel"]
     best = min(forward, key=lambda e: e["instructions_per_score"])
     assert best["instructions_per_score"] <= 10.0, [(e["config"], e["instructions_per_score"]) for e in forward]
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/gpu_check.py, which needs a GPU to do anything: it imports, and says so in one line.
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line():
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "bench.gpu_check"], cwd=ROOT, env=environment,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "bench.gpu_check: no CUDA GPU here (torch.cuda.is_available() is False): nothing checked or timed"
+    ]
+
+
+def test_gpu_check_table_ratios_are_to_the_fastest_peer():
+    from bench import gpu_check
+
+    timings = [
+        {"case": "c", "provider": "vitriton", "role": "ours", "ms": 1.0, "inputs": "views",
+         "tflops": 300.0, "roofline_fraction": 0.5, "bound": "compute"},
+        {"case": "c", "provider": "slow", "role": "peer", "ms": 4.0, "inputs": "views"},
+        {"case": "c", "provider": "fast", "role": "peer", "ms": 2.0, "inputs": "contiguous copies"},
+        {"case": "c", "provider": "broken", "role": "peer", "error": "RuntimeError: no"},
+        {"case": "d", "provider": "vitriton", "role": "ours", "ms": 1.0, "inputs": "views"},
+    ]
+    table = gpu_check.markdown(["header"], [{"shape": "s", "B, H, N, D": "1, 2, 3, 4", "result": "pass"}], timings)
+    assert "| c | vitriton | 1.000 | 300.0 | 2.00x | 50% (compute) | views |" in table
+    assert "| c | slow | 4.000 |  | 0.50x |  | views |" in table
+    assert "| c | broken | | | | | RuntimeError: no |" in table
+    assert "| d | vitriton | 1.000 |  | no peer ran |  | views |" in table
+    assert "| s | 1, 2, 3, 4 | pass |" in table

@@ -154,6 +154,27 @@ def attention_launches(
     return launches
 
 
+def varlen_launches(lengths, heads, head_dim, dtype, is_causal=False, dropout_p=0.0, allow_tf32=False) -> list:
+    """Forward, delta, dK/dV and dQ launches of packed attention (``kernels.attention_varlen``): q, k, v
+    views of a fused qkv (total, 3, H, D) over sequences of ``lengths``."""
+    attention = sys.modules["kernels.attention"]
+    meta = {"device": "meta", "dtype": dtype}
+    total, longest = sum(lengths), max(lengths)
+    q, k, v = torch.empty(total, 3, heads, head_dim, **meta).unbind(1)  # (total, H, D) views
+    cu_seqlens = torch.empty(len(lengths) + 1, device="meta", dtype=torch.int32)
+    seed = torch.empty(1, device="meta", dtype=torch.int64) if dropout_p > 0.0 else None
+    scale = head_dim**-0.5
+    options = (cu_seqlens, cu_seqlens, longest, longest, seed, scale, dropout_p, is_causal, allow_tf32)
+    launches = recorded(lambda: attention.attention_varlen_forward._init_fn(q, k, v, *options))
+    out = torch.empty(total, heads, head_dim, **meta)
+    stats = torch.empty(2, heads, total, device="meta", dtype=torch.float32)
+    grad_out = torch.empty(total, heads, head_dim, **meta)
+    launches += recorded(
+        lambda: attention.attention_varlen_backward._init_fn(grad_out, q, k, v, out, stats, *options)
+    )
+    return launches
+
+
 def patch_embed_launches(
     batch, image, patch, dim, dtype, *, channels=3, linear_weight=False, class_token=True, grad_weight_splits=None
 ) -> list:

@@ -60,6 +60,7 @@ Hopper's wgmma without spilling registers (read off the machine code with ``pyth
 ``torch.compile(fullgraph=True)`` traces them; the debug keep-mask is launched outside them.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -162,6 +163,7 @@ _INTERPRETER_BACKWARD_KV_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, 
 _INTERPRETER_BACKWARD_Q_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 _AUTOTUNE_KEY = [
     "seqlen_q", "seqlen_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "IS_CAUSAL", "HAS_DROPOUT", "EXACT_FP32_DOTS",
+    "VARLEN",
 ]
 _PREPASS_BLOCK_M = 32
 _KEEP_MASK_BLOCK_M, _KEEP_MASK_BLOCK_N = 32, 64
@@ -244,6 +246,13 @@ def _slice_offset(batch, head, stride_b, stride_h, ROW_ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _sequence(cu_seqlens_ptr, index):
+    """(first row (int64), length) of packed sequence ``index``, read from its cu_seqlens."""
+    start = tl.load(cu_seqlens_ptr + index)
+    return start.to(tl.int64), tl.load(cu_seqlens_ptr + index + 1) - start
+
+
+@triton.jit
 def _load_rows(
     ptr, index, stride, length, stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
     CHECK_LENGTH: tl.constexpr, TRANSPOSED: tl.constexpr,
@@ -316,19 +325,21 @@ def _forward_block(
 )
 @triton.jit
 def _attention_forward_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, stats_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, stats_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
-    stride_ob, stride_oh, stride_om, stride_od, stride_stats,
+    stride_ob, stride_oh, stride_om, stride_od, stride_stats, stride_stats_b, stride_stats_h,
     n_heads, seqlen_q, seqlen_k, scale_log2e, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEGATIVE_SCALE: tl.constexpr,
-    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """The output and softmax statistics of one block of BLOCK_M query rows of one (batch, head)."""
+    """The output and softmax statistics of one block of BLOCK_M query rows of one (batch, head).
+
+    VARLEN: a "batch" is a packed sequence, seqlen_q and seqlen_k the longest (they size the grid)."""
     n_row_blocks = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
     # Last row blocks first: under a causal mask they have the most keys, so they start earliest.
@@ -341,7 +352,17 @@ def _attention_forward_kernel(
     v_ptr += _slice_offset(batch, head, stride_vb, stride_vh, ROW_ALIGN)
     mask_ptr += batch * stride_maskb + head * stride_maskh
     out_ptr += _slice_offset(batch, head, stride_ob, stride_oh, ROW_ALIGN)
-    stats_ptr += batch_head.to(tl.int64) * seqlen_q
+    stats_ptr += batch * stride_stats_b + head * stride_stats_h
+    if VARLEN:
+        start_q, seqlen_q = _sequence(cu_seqlens_q_ptr, batch)
+        start_k, seqlen_k = _sequence(cu_seqlens_k_ptr, batch)
+        if row_block * BLOCK_M >= seqlen_q:  # a block past this sequence's end (the grid fits the longest)
+            return
+        q_ptr += _offsets(start_q, stride_qm, ROW_ALIGN)
+        out_ptr += _offsets(start_q, stride_om, ROW_ALIGN)
+        stats_ptr += start_q
+        k_ptr += _offsets(start_k, stride_kn, ROW_ALIGN)
+        v_ptr += _offsets(start_k, stride_vn, ROW_ALIGN)
 
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_rows(q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D, ROW_ALIGN, True, False)
@@ -484,6 +505,7 @@ def _backward_kv_block(
 @triton.jit
 def _attention_backward_kv_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, grad_out_ptr, stats_ptr, delta_ptr, grad_k_ptr, grad_v_ptr,
+    cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -491,13 +513,14 @@ def _attention_backward_kv_kernel(
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_stats, n_heads, seqlen_q, seqlen_k, scale, scale_log2e, dropout_p,
+    stride_stats, stride_stats_b, stride_stats_h, n_heads, seqlen_q, seqlen_k, scale, scale_log2e, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK and dV of one block of BLOCK_N keys, summed over every query row; tiles are (keys, queries)."""
+    """dK and dV of one block of BLOCK_N keys, summed over every query row; tiles are (keys, queries).
+    The delta and statistics share one layout (``stride_stats_b``, ``stride_stats_h``)."""
     n_col_blocks = tl.cdiv(seqlen_k, BLOCK_N)
     pid = tl.program_id(0)
     col_block = pid % n_col_blocks
@@ -511,8 +534,21 @@ def _attention_backward_kv_kernel(
     grad_out_ptr += _slice_offset(batch, head, stride_gb, stride_gh, ROW_ALIGN)
     grad_k_ptr += _slice_offset(batch, head, stride_dkb, stride_dkh, ROW_ALIGN)
     grad_v_ptr += _slice_offset(batch, head, stride_dvb, stride_dvh, ROW_ALIGN)
-    stats_ptr += batch_head.to(tl.int64) * seqlen_q
-    delta_ptr += batch_head.to(tl.int64) * seqlen_q
+    stats_ptr += batch * stride_stats_b + head * stride_stats_h
+    delta_ptr += batch * stride_stats_b + head * stride_stats_h
+    if VARLEN:
+        start_q, seqlen_q = _sequence(cu_seqlens_q_ptr, batch)
+        start_k, seqlen_k = _sequence(cu_seqlens_k_ptr, batch)
+        if col_block * BLOCK_N >= seqlen_k:  # a block past this sequence's end
+            return
+        q_ptr += _offsets(start_q, stride_qm, ROW_ALIGN)
+        grad_out_ptr += _offsets(start_q, stride_gm, ROW_ALIGN)
+        stats_ptr += start_q
+        delta_ptr += start_q
+        k_ptr += _offsets(start_k, stride_kn, ROW_ALIGN)
+        v_ptr += _offsets(start_k, stride_vn, ROW_ALIGN)
+        grad_k_ptr += _offsets(start_k, stride_dkn, ROW_ALIGN)
+        grad_v_ptr += _offsets(start_k, stride_dvn, ROW_ALIGN)
 
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     k = _load_rows(k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D, ROW_ALIGN, True, False)
@@ -619,16 +655,17 @@ def _backward_q_block(
 @triton.jit
 def _attention_backward_q_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, grad_out_ptr, stats_ptr, delta_ptr, grad_q_ptr, grad_bias_ptr,
+    cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_stats, n_heads, seqlen_q, seqlen_k, scale, scale_log2e, dropout_p,
+    stride_stats, stride_stats_b, stride_stats_h, n_heads, seqlen_q, seqlen_k, scale, scale_log2e, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_NEEDS_GRAD: tl.constexpr,
-    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one block of BLOCK_M query rows, and the bias gradient d(logits) of those rows."""
@@ -645,8 +682,20 @@ def _attention_backward_q_kernel(
     grad_out_ptr += _slice_offset(batch, head, stride_gb, stride_gh, ROW_ALIGN)
     grad_q_ptr += _slice_offset(batch, head, stride_dqb, stride_dqh, ROW_ALIGN)
     grad_bias_ptr += batch_head.to(tl.int64) * seqlen_q * seqlen_k  # a contiguous (B, H, Nq, Nk) tensor
-    stats_ptr += batch_head.to(tl.int64) * seqlen_q
-    delta_ptr += batch_head.to(tl.int64) * seqlen_q
+    stats_ptr += batch * stride_stats_b + head * stride_stats_h
+    delta_ptr += batch * stride_stats_b + head * stride_stats_h
+    if VARLEN:  # no bias: grad_bias_ptr is not used
+        start_q, seqlen_q = _sequence(cu_seqlens_q_ptr, batch)
+        start_k, seqlen_k = _sequence(cu_seqlens_k_ptr, batch)
+        if row_block * BLOCK_M >= seqlen_q:  # a block past this sequence's end
+            return
+        q_ptr += _offsets(start_q, stride_qm, ROW_ALIGN)
+        grad_out_ptr += _offsets(start_q, stride_gm, ROW_ALIGN)
+        grad_q_ptr += _offsets(start_q, stride_dqm, ROW_ALIGN)
+        stats_ptr += start_q
+        delta_ptr += start_q
+        k_ptr += _offsets(start_k, stride_kn, ROW_ALIGN)
+        v_ptr += _offsets(start_k, stride_vn, ROW_ALIGN)
 
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_rows(q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D, ROW_ALIGN, True, False)
@@ -705,15 +754,16 @@ def _attention_backward_q_kernel(
 
 @triton.jit
 def _dropout_keep_mask_kernel(
-    seed_ptr, keep_ptr, n_heads, seqlen_q, seqlen_k, dropout_p,
+    seed_ptr, keep_ptr, first_batch_head, seqlen_q, seqlen_k, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Write the keep decisions of the attention kernels into a contiguous (B, H, Nq, Nk) uint8 tensor."""
+    """Write the keep decisions of the attention kernels into a contiguous (B, H, Nq, Nk) uint8 tensor;
+    its (batch, head) slices are the kernels' first_batch_head onwards (a packed sequence's heads)."""
     n_row_blocks = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
     row_block = pid % n_row_blocks
     batch_head = pid // n_row_blocks
-    head_seed = _head_seed(seed_ptr, batch_head)
+    head_seed = _head_seed(seed_ptr, first_batch_head + batch_head)
     keep_ptr += batch_head.to(tl.int64) * seqlen_q * seqlen_k
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, seqlen_k, BLOCK_N):
@@ -770,6 +820,108 @@ def _kernel_constants(q, v, dropout_p, allow_tf32):
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How the kernels index one call's tensors: dense (B, H, N, D), or packed sequences.
+
+    Packed (varlen): q, k, v, out and their gradients are (total, H, D) and the kernels see them
+    as (n_seqs, H, longest, D) with a batch stride of 0, each sequence's first row read from
+    ``cu_seqlens``; the statistics and delta are (2, H, total_q) and (H, total_q).
+    """
+
+    batch: int  # batches, or packed sequences
+    heads: int
+    seqlen_q: int  # the lengths, or the longest of the packed sequences (the grid is sized by them)
+    seqlen_k: int
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    def strides(self, t: torch.Tensor) -> tuple[int, int, int, int]:
+        """(batch, head, row, head dim) strides of q, k, v, out or a gradient."""
+        return (0, t.stride(1), t.stride(0), t.stride(2)) if self.varlen else t.stride()
+
+    def stats_strides(self, stats: torch.Tensor) -> tuple[int, int, int]:
+        """(between max and log-sum, batch, head) strides of the statistics; delta's (batch, head) too."""
+        return (stats.stride(0), 0, stats.stride(1)) if self.varlen else stats.stride()[:3]
+
+    def cu_seqlens(self, stand_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cu_seqlens pointers; dense, any tensor stands in (unread)."""
+        return (self.cu_seqlens_q, self.cu_seqlens_k) if self.varlen else (stand_in, stand_in)
+
+
+def _dense_layout(q, k) -> _Layout:
+    return _Layout(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _launch_forward(layout, q, k, v, mask, dropout_seed, scale, dropout_p, is_causal, allow_tf32, out, stats):
+    """Fill ``out`` and ``stats`` with the forward kernel."""
+    mask_ptr, mask_strides, mask_kind = _mask_arguments(q, k, mask)
+    seed = dropout_seed if dropout_seed is not None else stats  # unread without dropout
+    stride_stats, stride_stats_b, stride_stats_h = layout.stats_strides(stats)
+
+    def grid(meta):
+        return attention_grid(layout.seqlen_q, layout.batch * layout.heads, meta["BLOCK_M"])
+
+    torch.library.wrap_triton(_attention_forward_kernel)[grid](
+        q, k, v, mask_ptr, seed, out, stats, *layout.cu_seqlens(stats),
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *mask_strides, *layout.strides(out),
+        stride_stats, stride_stats_b, stride_stats_h,
+        layout.heads, layout.seqlen_q, layout.seqlen_k, scale * LOG2E, dropout_p,
+        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, NEGATIVE_SCALE=scale < 0, ROW_ALIGN=_row_align(q, k, v, out),
+        VARLEN=layout.varlen, **_kernel_constants(q, v, dropout_p, allow_tf32),
+    )
+
+
+def _launch_backward(
+    layout, grad_out, q, k, v, out, stats, mask, dropout_seed, scale, dropout_p, is_causal, allow_tf32,
+    bias_needs_grad, grad_q, grad_k, grad_v, delta, grad_bias,
+):
+    """Fill ``delta``, ``grad_q``, ``grad_k``, ``grad_v`` (and ``grad_bias``) with the backward kernels."""
+    constants = _kernel_constants(q, v, dropout_p, allow_tf32)
+    constants["ROW_ALIGN"] = _row_align(q, k, v, out, grad_out, grad_q, grad_k, grad_v)
+    mask_ptr, mask_strides, mask_kind = _mask_arguments(q, k, mask)
+    seed = dropout_seed if dropout_seed is not None else stats  # unread without dropout
+    stride_stats, stride_stats_b, stride_stats_h = layout.stats_strides(stats)
+    cu_seqlens = layout.cu_seqlens(stats)
+
+    # delta per query row: packed, the rows of every sequence are one batch of total_q rows.
+    delta_batch, delta_rows = (1, q.shape[0]) if layout.varlen else (layout.batch, layout.seqlen_q)
+    torch.library.wrap_triton(_attention_backward_delta_kernel)[
+        attention_grid(delta_rows, delta_batch * layout.heads, _PREPASS_BLOCK_M)
+    ](
+        out, grad_out, delta, *layout.strides(out), *layout.strides(grad_out), layout.heads, delta_rows,
+        HEAD_DIM_V=v.shape[-1], BLOCK_DV=constants["BLOCK_DV"], ROW_ALIGN=constants["ROW_ALIGN"],
+        BLOCK_M=_PREPASS_BLOCK_M,
+    )
+
+    def kv_grid(meta):
+        return attention_grid(layout.seqlen_k, layout.batch * layout.heads, meta["BLOCK_N"])
+
+    torch.library.wrap_triton(_attention_backward_kv_kernel)[kv_grid](
+        q, k, v, mask_ptr, seed, grad_out, stats, delta, grad_k, grad_v, *cu_seqlens,
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *mask_strides, *layout.strides(grad_out),
+        *layout.strides(grad_k), *layout.strides(grad_v), stride_stats, stride_stats_b, stride_stats_h,
+        layout.heads, layout.seqlen_q, layout.seqlen_k, scale, scale * LOG2E, dropout_p,
+        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, VARLEN=layout.varlen, **constants,
+    )
+
+    def q_grid(meta):
+        return attention_grid(layout.seqlen_q, layout.batch * layout.heads, meta["BLOCK_M"])
+
+    # Without a bias gradient the dQ kernel gets delta in its place, never written (BIAS_NEEDS_GRAD off).
+    torch.library.wrap_triton(_attention_backward_q_kernel)[q_grid](
+        q, k, v, mask_ptr, seed, grad_out, stats, delta, grad_q, grad_bias if bias_needs_grad else delta, *cu_seqlens,
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *mask_strides, *layout.strides(grad_out),
+        *layout.strides(grad_q), stride_stats, stride_stats_b, stride_stats_h,
+        layout.heads, layout.seqlen_q, layout.seqlen_k, scale, scale * LOG2E, dropout_p,
+        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, BIAS_NEEDS_GRAD=bias_needs_grad, VARLEN=layout.varlen, **constants,
+    )
+
+
 @torch.library.triton_op("vitriton::attention_forward", mutates_args={})
 def attention_forward(
     q: torch.Tensor,
@@ -789,7 +941,7 @@ def attention_forward(
     after the other, so a huge maximum (a finfo.min bias) cannot round the sum's logarithm away.
     """
     batch, heads, seqlen_q, _ = q.shape
-    seqlen_k, head_dim_v = k.shape[2], v.shape[3]
+    head_dim_v = v.shape[3]
     # (B, H, Nq, Dv) in (B, Nq, H, Dv) memory, what the output projection reads. Allocated with
     # those strides rather than permuted, so it is no view and in-place ops on it are allowed.
     out = torch.empty_strided(
@@ -797,19 +949,7 @@ def attention_forward(
         device=q.device, dtype=q.dtype,
     )
     stats = torch.empty(2, batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
-    mask_ptr, mask_strides, mask_kind = _mask_arguments(q, k, mask)
-    seed = dropout_seed if dropout_seed is not None else stats  # unread without dropout
-
-    def grid(meta):
-        return attention_grid(seqlen_q, batch * heads, meta["BLOCK_M"])
-
-    torch.library.wrap_triton(_attention_forward_kernel)[grid](
-        q, k, v, mask_ptr, seed, out, stats,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(), stats.stride(0),
-        heads, seqlen_q, seqlen_k, scale * LOG2E, dropout_p,
-        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, NEGATIVE_SCALE=scale < 0, ROW_ALIGN=_row_align(q, k, v, out),
-        **_kernel_constants(q, v, dropout_p, allow_tf32),
-    )
+    _launch_forward(_dense_layout(q, k), q, k, v, mask, dropout_seed, scale, dropout_p, is_causal, allow_tf32, out, stats)
     return out, stats
 
 
@@ -831,49 +971,17 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, d(logits) (B, H, Nq, Nk) fp32 if ``bias_needs_grad`` else an empty tensor)."""
     batch, heads, seqlen_q, _ = q.shape
-    seqlen_k, head_dim_v = k.shape[2], v.shape[3]
-    constants = _kernel_constants(q, v, dropout_p, allow_tf32)
-    mask_ptr, mask_strides, mask_kind = _mask_arguments(q, k, mask)
-    seed = dropout_seed if dropout_seed is not None else stats  # unread without dropout
-
+    seqlen_k = k.shape[2]
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    constants["ROW_ALIGN"] = _row_align(q, k, v, out, grad_out, grad_q, grad_k, grad_v)
-
     delta = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
-    torch.library.wrap_triton(_attention_backward_delta_kernel)[
-        attention_grid(seqlen_q, batch * heads, _PREPASS_BLOCK_M)
-    ](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seqlen_q,
-        HEAD_DIM_V=head_dim_v, BLOCK_DV=constants["BLOCK_DV"], ROW_ALIGN=constants["ROW_ALIGN"],
-        BLOCK_M=_PREPASS_BLOCK_M,
-    )
-
-    # Zeros: the blocks a causal mask skips are never written, and their gradient is 0. Without a
-    # bias gradient the dQ kernel gets delta in its place, never written (BIAS_NEEDS_GRAD is off).
+    # Zeros: the blocks a causal mask skips are never written, and their gradient is 0.
     grad_bias = (
         torch.zeros(batch, heads, seqlen_q, seqlen_k, device=q.device, dtype=torch.float32)
         if bias_needs_grad else stats.new_empty(0)
     )
-
-    def kv_grid(meta):
-        return attention_grid(seqlen_k, batch * heads, meta["BLOCK_N"])
-
-    torch.library.wrap_triton(_attention_backward_kv_kernel)[kv_grid](
-        q, k, v, mask_ptr, seed, grad_out, stats, delta, grad_k, grad_v,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(),
-        *grad_k.stride(), *grad_v.stride(), stats.stride(0),
-        heads, seqlen_q, seqlen_k, scale, scale * LOG2E, dropout_p,
-        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, **constants,
-    )
-
-    def q_grid(meta):
-        return attention_grid(seqlen_q, batch * heads, meta["BLOCK_M"])
-
-    torch.library.wrap_triton(_attention_backward_q_kernel)[q_grid](
-        q, k, v, mask_ptr, seed, grad_out, stats, delta, grad_q, grad_bias if bias_needs_grad else delta,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *grad_q.stride(),
-        stats.stride(0), heads, seqlen_q, seqlen_k, scale, scale * LOG2E, dropout_p,
-        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, BIAS_NEEDS_GRAD=bias_needs_grad, **constants,
+    _launch_backward(
+        _dense_layout(q, k), grad_out, q, k, v, out, stats, mask, dropout_seed, scale, dropout_p, is_causal,
+        allow_tf32, bias_needs_grad, grad_q, grad_k, grad_v, delta, grad_bias,
     )
     return grad_q, grad_k, grad_v, grad_bias
 
@@ -911,14 +1019,102 @@ def _no_double_backward(ctx, *grads):
 attention_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
-def dropout_keep_mask(dropout_seed: torch.Tensor, shape: tuple[int, int, int, int], dropout_p: float) -> torch.Tensor:
-    """The bool (B, H, Nq, Nk) keep mask (True = kept) the attention kernels draw from ``dropout_seed``."""
+# Packed sequences (flash-attn's varlen layout): the same kernels, VARLEN on.
+
+
+def _varlen_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> _Layout:
+    return _Layout(cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
+
+
+@torch.library.triton_op("vitriton::attention_varlen_forward", mutates_args={})
+def attention_varlen_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_seed: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    is_causal: bool,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (total_q, H, Dv), statistics (2, H, total_q) fp32) of checked packed inputs."""
+    total_q, heads, _ = q.shape
+    out = q.new_empty(total_q, heads, v.shape[2])
+    stats = torch.empty(2, heads, total_q, device=q.device, dtype=torch.float32)
+    layout = _varlen_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if layout.batch and max_seqlen_q:  # else no query rows: nothing to launch
+        _launch_forward(layout, q, k, v, None, dropout_seed, scale, dropout_p, is_causal, allow_tf32, out, stats)
+    return out, stats
+
+
+@torch.library.triton_op("vitriton::attention_varlen_backward", mutates_args={})
+def attention_varlen_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    stats: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_seed: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    is_causal: bool,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of packed inputs, in their layouts."""
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    layout = _varlen_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if not (layout.batch and max_seqlen_q and max_seqlen_k):  # no score at all: every gradient is 0
+        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_()
+    delta = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32)
+    _launch_backward(
+        layout, grad_out, q, k, v, out, stats, None, dropout_seed, scale, dropout_p, is_causal, allow_tf32,
+        False, grad_q, grad_k, grad_v, delta, delta,
+    )
+    return grad_q, grad_k, grad_v
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_seed, scale, dropout_p, is_causal, allow_tf32 = inputs
+    out, stats = output
+    ctx.save_for_backward(q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k, dropout_seed)
+    ctx.options = (max_seqlen_q, max_seqlen_k)
+    ctx.scalars = (scale, dropout_p, is_causal, allow_tf32)
+    ctx.mark_non_differentiable(stats)
+
+
+def _varlen_backward(ctx, grad_out, _grad_stats):
+    q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k, dropout_seed = ctx.saved_tensors
+    grad_q, grad_k, grad_v = attention_varlen_backward(
+        grad_out, q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k, *ctx.options, dropout_seed, *ctx.scalars
+    )
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None, None
+
+
+attention_varlen_forward.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+attention_varlen_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def dropout_keep_mask(
+    dropout_seed: torch.Tensor, shape: tuple[int, int, int, int], dropout_p: float, first_batch_head: int = 0
+) -> torch.Tensor:
+    """The bool (B, H, Nq, Nk) keep mask (True = kept) the attention kernels draw from ``dropout_seed``
+    (for a packed sequence i of H heads: shape (1, H, Nq_i, Nk_i), ``first_batch_head`` i * H)."""
     batch, heads, seqlen_q, seqlen_k = shape
     keep = torch.empty(shape, device=dropout_seed.device, dtype=torch.uint8)
-    _dropout_keep_mask_kernel[attention_grid(seqlen_q, batch * heads, _KEEP_MASK_BLOCK_M)](
-        dropout_seed, keep, heads, seqlen_q, seqlen_k, dropout_p,
-        BLOCK_M=_KEEP_MASK_BLOCK_M, BLOCK_N=_KEEP_MASK_BLOCK_N,
-    )
+    if keep.numel():
+        _dropout_keep_mask_kernel[attention_grid(seqlen_q, batch * heads, _KEEP_MASK_BLOCK_M)](
+            dropout_seed, keep, first_batch_head, seqlen_q, seqlen_k, dropout_p,
+            BLOCK_M=_KEEP_MASK_BLOCK_M, BLOCK_N=_KEEP_MASK_BLOCK_N,
+        )
     return keep.bool()
 
 
@@ -985,3 +1181,63 @@ def attention_triton(
     if dropout_seed is None:
         return out, torch.ones(shape, device=q.device, dtype=torch.bool)
     return out, dropout_keep_mask(dropout_seed, shape, float(dropout_p))
+
+
+def cannot_take_varlen(q, k, v, max_seqlen_q, max_seqlen_k, dropout_p) -> str | None:
+    """Why these (checked) packed inputs are beyond the kernels, in words, or None if they can take them."""
+    for what, dim in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
+        if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
+            return f"{what} {dim} is outside the Triton kernels' range, {MIN_HEAD_DIM} to {MAX_HEAD_DIM}"
+    for name, t, longest in (("q", q, max_seqlen_q), ("k", k, max_seqlen_k), ("v", v, max_seqlen_k)):
+        last_offset = max(longest - 1, 0) * t.stride(0) + (t.shape[2] - 1) * t.stride(2)
+        if last_offset >= 2**31:
+            return f"each sequence's head of {name} must span fewer than 2**31 elements for the Triton kernels, got {last_offset + 1}"
+    if dropout_p > 0.0 and max_seqlen_q * max_seqlen_k >= 2**31:
+        return f"dropout in the Triton kernels needs Nq * Nk < 2**31 per sequence, got {max_seqlen_q} * {max_seqlen_k}"
+    return None
+
+
+def attention_varlen_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    *,
+    is_causal: bool = False,
+    return_dropout_mask: bool = False,
+):
+    """Fused attention within each packed sequence: q (total_q, H, D), k (total_k, H, D),
+    v (total_k, H, Dv) -> (total_q, H, Dv), one launch per kernel for every sequence.
+
+    Inputs as checked by ``kernels.dispatch.attention_varlen`` (``max_seqlen_*`` at least the
+    longest lengths: they size the grid). ``return_dropout_mask=True`` returns ``(out, keeps)``,
+    ``keeps`` a list of each sequence's bool (H, Nq_i, Nk_i) mask of kept weights, for tests.
+    """
+    reason = cannot_take_varlen(q, k, v, max_seqlen_q, max_seqlen_k, dropout_p)
+    if reason is not None:
+        raise ValueError(f"attention_varlen: {reason}; use backend='einsum'")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dropout_seed = None
+    if dropout_p > 0.0:
+        dropout_seed = torch.randint(0, 2**31, (1,), device=q.device, dtype=torch.int64)
+    out, _ = attention_varlen_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), dropout_seed, scale,
+        float(dropout_p), bool(is_causal), bool(torch.backends.cuda.matmul.allow_tf32),
+    )
+    if not return_dropout_mask:
+        return out
+    heads, keeps = q.shape[1], []
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(starts_q) - 1):
+        shape = (1, heads, starts_q[i + 1] - starts_q[i], starts_k[i + 1] - starts_k[i])
+        keep = (
+            torch.ones(shape, device=q.device, dtype=torch.bool) if dropout_seed is None
+            else dropout_keep_mask(dropout_seed, shape, float(dropout_p), first_batch_head=i * heads)
+        )
+        keeps.append(keep[0])
+    return out, keeps

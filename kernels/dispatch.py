@@ -528,8 +528,18 @@ def attention_varlen(
     for name, given, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
         if given is not None and (not isinstance(given, numbers.Integral) or isinstance(given, bool) or given < longest):
             raise ValueError(f"{op}: expected {name} to be None or an int >= the longest sequence ({longest}), got {given!r}")
-    if pick_backend(backend, op, [q, k, v], lambda: "the Triton varlen kernel is not written yet") == "einsum":
+    max_seqlen_q = longest_q if max_seqlen_q is None else int(max_seqlen_q)
+    max_seqlen_k = longest_k if max_seqlen_k is None else int(max_seqlen_k)
+
+    from kernels.attention import attention_varlen_triton, cannot_take_varlen
+
+    def cannot_take():
+        return cannot_take_varlen(q, k, v, max_seqlen_q, max_seqlen_k, dropout_p)
+
+    if pick_backend(backend, op, [q, k, v], cannot_take) == "einsum":
         return reference.attention_varlen_reference(
             q, k, v, cu_seqlens_q, cu_seqlens_k, scale, dropout_p, is_causal=is_causal, attend=reference.attention_fallback
         )
-    raise AssertionError("unreachable: pick_backend refuses the Triton path for attention_varlen")
+    return attention_varlen_triton(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, is_causal=is_causal
+    )

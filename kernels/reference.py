@@ -462,6 +462,7 @@ def attention_varlen_reference(
     *,
     is_causal: bool = False,
     attend=attention_reference,
+    dropout_masks: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Packed sequences, one at a time: q (total_q, H, D), k (total_k, H, D), v (total_k, H, Dv).
 
@@ -469,17 +470,19 @@ def attention_varlen_reference(
     and v; each goes through ``attend`` (this file's ``attention_reference`` by default; the
     dispatch passes ``attention_fallback``) as a batch of one, and the outputs are packed again.
     A sequence with queries and no keys has nothing to attend: zeros, as a fully masked row.
+    ``dropout_masks`` (with ``attention_reference``): sequence i's bool (H, Nq_i, Nk_i) keep mask.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outputs = []
-    for (q0, q1), (k0, k1) in zip(itertools.pairwise(starts_q), itertools.pairwise(starts_k)):
+    for i, ((q0, q1), (k0, k1)) in enumerate(zip(itertools.pairwise(starts_q), itertools.pairwise(starts_k))):
         if k1 == k0:
             outputs.append(v.new_zeros(q1 - q0, q.shape[1], v.shape[-1]))
             continue
         # (n, H, D) -> (1, H, n, D): the batch of one that the (B, H, N, D) functions take.
         seq_q, seq_k, seq_v = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
-        out = attend(seq_q, seq_k, seq_v, None, scale, dropout_p, is_causal=is_causal)  # (1, H, n, Dv)
+        given_mask = {} if dropout_masks is None else {"dropout_mask": dropout_masks[i][None]}
+        out = attend(seq_q, seq_k, seq_v, None, scale, dropout_p, is_causal=is_causal, **given_mask)  # (1, H, n, Dv)
         outputs.append(out.squeeze(0).transpose(0, 1))  # (n, H, Dv)
     if not outputs:
         return v.new_zeros(0, q.shape[1], v.shape[-1])

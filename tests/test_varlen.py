@@ -2,8 +2,7 @@
 
 The einsum path (a loop over the sequences through the fallback) against the plain reference run
 on each sequence alone, in float64, forward and backward; the input checks; a packed ViT equal to
-running each image alone. The Triton varlen kernel is not written yet: ``backend="triton"`` says
-so in one line (issue 13).
+running each image alone. The Triton varlen kernels are tested in tests/test_varlen_triton.py.
 """
 
 from __future__ import annotations
@@ -79,9 +78,9 @@ def test_the_rule_catches_a_sequence_leaking_into_another():
         torch.testing.assert_close(leaky, one_by_one(q, k, v, cu_q, cu_k))
 
 
-def test_varlen_triton_is_not_written_yet_and_says_so():
-    q, k, v, cu_q, cu_k = packed([3, 4], [3, 4], dtype=torch.float16)
-    with pytest.raises(ValueError, match=r"^attention_varlen: the Triton varlen kernel is not written yet; use backend='einsum'"):
+def test_varlen_triton_refuses_a_head_dim_beyond_it_in_one_line():
+    q, k, v, cu_q, cu_k = packed([3, 4], [3, 4], head_dim=8, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"^attention_varlen: head dim 8 is outside the Triton kernels' range, 16 to 256; use backend="):
         kernels.attention_varlen(q, k, v, cu_q, cu_k, backend="triton")
 
 

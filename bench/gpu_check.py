@@ -3,7 +3,7 @@
     python -m bench.gpu_check                       # writes bench/gpu_check.md and prints it
     python -m bench.gpu_check --budget 300 --out /tmp/check.md
 
-Three phases, each stopped by the clock (``--budget`` seconds in all, 300 by default, so that
+Four phases, each stopped by the clock (``--budget`` seconds in all, 300 by default, so that
 the whole run, Triton's compiling and autotuning included, fits a 6-minute slot on an H100/H200;
 a phase the clock stopped says so, and a second run, with Triton's cache warm, gets further):
 1. Correctness at the four ViT shapes of ``bench.sass.SHAPES`` (ViT-B/16, ViT-L/16 at 384,
@@ -12,7 +12,11 @@ a phase the clock stopped says so, and a second run, with Triton's cache warm, g
 2. Attention timings at ViT-B/16 (B=256) and ViT-L/16-384 (B=64), bf16, forward and forward +
    backward, and B=1 forward latency: ours against SDPA's flash, cuDNN and efficient backends and
    compiled FlexAttention.
-3. The patch projection at ViT-B/16 (B=256) against Conv2d + flatten + cat + add, and at B=1.
+3. Packed images (``kernels.attention_varlen``): 8 images of 224-1024 px at patch 14, D=80, bf16,
+   checked like 1, then timed whole (forward, forward + backward) and in Qwen2.5-VL's 64-token
+   windows (forward) against an SDPA call per image, SDPA with a block-diagonal mask, compiled
+   FlexAttention with a document mask and flash-attn's varlen function when importable.
+4. The patch projection at ViT-B/16 (B=256) against Conv2d + flatten + cat + add, and at B=1.
 Then a markdown table (time, TFLOP/s, the fastest peer's time over each provider's, the fraction
 of the roofline measured by ``bench.roofline``) for bench/RESULTS.md. A peer that fails is
 recorded with its error, not fatal. Timing is ``triton.testing.do_bench`` (CUDA events, median),
@@ -23,6 +27,7 @@ after a first call that compiles and autotunes. Run it from the repository root.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -33,7 +38,7 @@ EXIT_NO_GPU = 2
 DEVICE = "cuda"
 # A phase starts no new piece of work after this fraction of the budget: one piece (a first call
 # that compiles and autotunes) can take a minute, so the last phase ends early.
-PHASE_ENDS = {"correctness": 0.45, "attention": 0.80, "patch": 0.90}
+PHASE_ENDS = {"correctness": 0.40, "attention": 0.70, "varlen": 0.85, "patch": 0.93}
 TIMED = [("vit_b16", 256), ("vit_l16_384", 64)]  # (shape, batch) of the attention timings
 # The timed shapes first (their compiling and autotuning is then done for the timings too), then
 # D = 72 (alignment hints) and D = 80.
@@ -220,6 +225,90 @@ def _time_one(attend, qkv, grad_out, work, limits) -> dict:
     return {"error": _one_line(last_error)}
 
 
+def time_varlen(clock: Clock, limits) -> tuple[list[dict], list[dict]]:
+    """Packed images (``kernels.attention_varlen``): one correctness row (a VLM's native-resolution
+    pack, bf16, against the float64 reference per image), then timings of that pack, forward and
+    forward + backward, and of its Qwen2.5-VL-style 64-token windows, forward, against the peers of
+    bench/test_varlen.py (an SDPA call per image, SDPA with a block-diagonal mask, compiled
+    FlexAttention with a document mask, flash-attn's varlen function when importable)."""
+    import kernels
+    from bench.test_varlen import MIXES, PROVIDERS, varlen_call
+    from kernels.reference import attention_varlen_reference
+    from tests.equivalence import assert_close_to_reference
+
+    native, windows = MIXES["vlm-native-bf16-fwdbwd"], MIXES["vlm-windows-bf16-fwd"]
+    lengths = native.lengths
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    row = {"shape": f"varlen {len(lengths)} images", "B, H, N, D": f"-, {native.heads}, {sum(lengths)}, {native.head_dim}"}
+    correctness = [row]
+    try:
+        if not clock.allows("varlen"):
+            raise TimeoutError("not run: out of time")
+        generator = torch.Generator(device=DEVICE).manual_seed(0)
+        qkv = torch.randn(sum(lengths), 3, native.heads, native.head_dim, device=DEVICE, generator=generator)
+        grad_out = torch.randn(sum(lengths), native.heads, native.head_dim, device=DEVICE, generator=generator)
+        outputs = {}
+        for run, dtype in (("ours", torch.bfloat16), ("float64", torch.float64), ("bf16", torch.bfloat16)):
+            leaf = qkv.to(dtype).requires_grad_()
+            q, k, v = leaf.unbind(1)
+            if run == "ours":
+                out = kernels.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max(lengths), max(lengths), backend="triton")
+            else:
+                out = attention_varlen_reference(q, k, v, cu_seqlens, cu_seqlens)
+            (grad,) = torch.autograd.grad(out, leaf, grad_out.to(dtype))
+            outputs[run] = (out.detach(), grad)
+        errors = []
+        for index, what in enumerate(("output", "grad qkv")):
+            ours, exact, low = (outputs[run][index] for run in ("ours", "float64", "bf16"))
+            errors.append(f"{what} {(ours.double() - exact).abs().max().item():.2e}")
+            assert_close_to_reference(ours, exact, low, name=what)
+        row["result"] = "pass (" + ", ".join(errors) + ")"
+    except TimeoutError as error:
+        row["result"] = str(error)
+    except AssertionError as error:
+        row["result"] = f"FAIL: {_one_line(error, 300)}"
+    except Exception as error:  # noqa: BLE001 - recorded, the timings still run
+        row["result"] = f"ERROR: {_one_line(error, 300)}"
+    finally:
+        outputs = qkv = grad_out = None
+        _free()
+
+    timings = []
+    for mix, backward in ((native, False), (native, True), (windows, False)):
+        lengths = mix.lengths
+        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        case = f"varlen {mix.name} {len(lengths)} seqs {sum(lengths)} tokens bf16 {'fwd+bwd' if backward else 'fwd'}"
+        work = dataclasses.replace(mix, backward=backward).work()
+        qkv = torch.randn(sum(lengths), 3, mix.heads, mix.head_dim, device=DEVICE, dtype=torch.bfloat16,
+                          requires_grad=backward)
+        grad_out = torch.randn(sum(lengths), mix.heads, mix.head_dim, device=DEVICE, dtype=torch.bfloat16)
+        for provider, (role, _) in PROVIDERS.items():
+            row = {"case": case, "provider": "vitriton" if provider == "ours" else provider, "role": role}
+            timings.append(row)
+            if not clock.allows("varlen"):
+                row["error"] = "not run: out of time"
+                continue
+            try:
+                attend = varlen_call(provider, cu_seqlens, lengths)
+
+                def fn(attend=attend, qkv=qkv, grad_out=grad_out, backward=backward):
+                    out = attend(*qkv.unbind(1))
+                    if backward:
+                        torch.autograd.grad(out, qkv, grad_out)
+
+                ms = _timed(fn)
+            except BaseException as error:  # pytest.skip (flash-attn not importable) is a BaseException
+                if isinstance(error, KeyboardInterrupt):
+                    raise
+                row["error"] = _one_line(error)
+                _free()
+                continue
+            row.update(ms=ms, inputs="views of a packed qkv", **(limits.describe(work, ms / 1e3) if limits else {}))
+        qkv = grad_out = None
+        _free()
+    return correctness, timings
+
+
 def conv_patch_embed(images, weight, bias, cls_token, pos_embed):
     """What a PyTorch ViT runs: (B, C, H, W) -> (B, 1 + N, D)."""
     tokens = torch.nn.functional.conv2d(images, weight, bias, stride=weight.shape[-1])  # (B, D, H/P, W/P)
@@ -333,6 +422,10 @@ def main(argv=None) -> int:
     print(f"correctness done at {clock.elapsed():.0f} s", flush=True)
     timings = time_attention(clock, limits)
     print(f"attention timed at {clock.elapsed():.0f} s", flush=True)
+    varlen_correctness, varlen_timings = time_varlen(clock, limits)
+    correctness += varlen_correctness
+    timings += varlen_timings
+    print(f"varlen checked and timed at {clock.elapsed():.0f} s", flush=True)
     timings += time_patch_embed(clock, limits)
     header = [
         (f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "

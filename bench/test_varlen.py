@@ -1,15 +1,16 @@
 """Packed images of different sizes: ``kernels.attention_varlen`` against what people do today.
 
 One group per (mix, dtype, pass), the providers on the same packed q, k, v (total, H, D):
-  ours                   ``kernels.attention_varlen`` (Triton on a GPU once its kernel exists;
-                         today the einsum fallback, one sequence at a time)
+  ours                   ``kernels.attention_varlen``: the Triton varlen kernels on a GPU (one
+                         launch for every image); on a CPU the einsum fallback, one image at a time
   sdpa-per-image         transformers' non-flash path: one SDPA call per image, then a cat
   sdpa-block-diagonal    one SDPA call with a (total, total) bool mask (Pixtral's way)
   flex-document          compiled FlexAttention with a document mask (GPU only)
   flash-attn-varlen      ``flash_attn_varlen_func`` when importable (GPU only)
 
-Mixes: 8 images of 224-1024 px at patch 14 (a VLM's native-resolution batch) on a GPU; on a CPU
-a smaller one (4 images of 112-336 px). Work is counted over the per-image blocks only.
+Mixes: 8 images of 224-1024 px at patch 14 (a VLM's native-resolution batch) on a GPU, whole and
+cut into Qwen2.5-VL's windows of 8 x 8 patches (64 tokens, fewer at the edges); on a CPU a smaller
+one (4 images of 112-336 px). Work is counted over the per-image (per-window) blocks only.
 """
 
 from __future__ import annotations
@@ -43,10 +44,18 @@ class Mix:
     head_dim: int
     dtype: torch.dtype
     backward: bool
+    window: int = 0  # > 0: attention within windows of window x window patches (Qwen2.5-VL: 8)
 
     @property
     def lengths(self) -> list[int]:
-        return [(h // self.patch) * (w // self.patch) for h, w in self.sides]
+        grids = [(h // self.patch, w // self.patch) for h, w in self.sides]
+        if not self.window:
+            return [rows * cols for rows, cols in grids]
+        # Windows tile each image's grid from its top-left corner; those at the right and bottom
+        # edges are cut short, as in Qwen2.5-VL's get_window_index.
+        def spans(n):
+            return [min(self.window, n - start) for start in range(0, n, self.window)]
+        return [r * c for rows, cols in grids for r in spans(rows) for c in spans(cols)]
 
     @property
     def group(self) -> str:
@@ -65,9 +74,10 @@ class Mix:
 GPU_SIDES = ((224, 224), (448, 336), (1024, 768), (336, 224), (672, 672), (224, 448), (896, 560), (308, 420))
 CPU_SIDES = ((112, 112), (336, 224), (224, 168), (140, 280))
 MIXES = {
-    f"{name}-{DTYPE_NAMES[dtype]}-{'fwdbwd' if backward else 'fwd'}": Mix(name, sides, 14, 16, 80, dtype, backward)
-    for name, sides, dtypes in (
-        ("vlm-native", GPU_SIDES, (torch.bfloat16,)) if ON_GPU else ("small-native", CPU_SIDES, (torch.float32, torch.bfloat16)),
+    f"{name}-{DTYPE_NAMES[dtype]}-{'fwdbwd' if backward else 'fwd'}": Mix(name, sides, 14, 16, 80, dtype, backward, window)
+    for name, sides, dtypes, window in (
+        [("vlm-native", GPU_SIDES, (torch.bfloat16,), 0), ("vlm-windows", GPU_SIDES, (torch.bfloat16,), 8)] if ON_GPU
+        else [("small-native", CPU_SIDES, (torch.float32, torch.bfloat16), 0)]
     )
     for dtype in dtypes
     for backward in (False, True)

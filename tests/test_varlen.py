@@ -124,6 +124,20 @@ def test_packed_vit_equals_each_image_alone(pool, class_token):
     torch.testing.assert_close(packed_logits, alone)
 
 
+def test_packed_vit_on_the_triton_path_equals_each_image_alone_on_the_reference():
+    """The fused model's packed forward through the Triton varlen kernels (interpreted on a CPU)."""
+    torch.manual_seed(0)
+    model = ViT(fused=True, **SMALL).eval()
+    images = [torch.rand(3, 32, 24), torch.rand(3, 8, 16)]
+    with torch.no_grad():
+        with kernels.use_backend("triton"):
+            packed_logits = model(images)
+        model64 = ViT(fused=False, **SMALL).double().eval()
+        model64.load_state_dict(model.state_dict())
+        alone = torch.cat([model64(image[None].double()) for image in images])
+    torch.testing.assert_close(packed_logits.double(), alone, rtol=1e-4, atol=1e-4)
+
+
 def test_packed_vit_calls_varlen_once_per_layer(monkeypatch):
     calls = []
     varlen = kernels.attention_varlen

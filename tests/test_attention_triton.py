@@ -520,6 +520,27 @@ def test_every_autotune_config_computes_the_same(index, monkeypatch):
     check_dropout(inputs, 0.2, is_causal=True)
 
 
+@pytest.mark.parametrize("index", every_config_index())
+def test_every_autotune_config_on_the_lean_path(index, monkeypatch):
+    """The same without a mask, causal or dropout, where whole blocks run the lean body (no bounds
+    checks, the scale in the exponent) and only the last, partial one the masked body: lengths that
+    are no multiple of any block, and lengths of whole blocks only (no masked block at all); then
+    packed sequences through the same kernels (VARLEN)."""
+    from tests.test_varlen_triton import check_varlen, packed_inputs
+
+    kernels_and_configs = [
+        (attention_module._attention_forward_kernel, attention_module.FORWARD_CONFIGS),
+        (attention_module._attention_backward_kv_kernel, attention_module.BACKWARD_KV_CONFIGS),
+        (attention_module._attention_backward_q_kernel, attention_module.BACKWARD_Q_CONFIGS),
+    ]
+    for kernel, configs in kernels_and_configs:
+        monkeypatch.setattr(kernel, "configs", [configs[index % len(configs)]])
+    for seqlen_q, seqlen_k in ((150, 70), (128, 256)):
+        check_against_reference(make_inputs(1, 2, seqlen_q, seqlen_k, 64, f16, seed=index), scale=0.3)
+    lengths_q, lengths_k = [130, 0, 64, 7], [70, 5, 128, 7]
+    check_varlen(lengths_q, lengths_k, packed_inputs(lengths_q, lengths_k, 2, 64, bf16, seed=index))
+
+
 def test_custom_op_schema_and_autograd_registration():
     inputs = leaves(make_inputs(1, 2, 9, 11, 16, f32, mask=("float", (2, 1, 11), f32)))
     seed = torch.tensor([5], device=DEVICE)

@@ -135,7 +135,7 @@ def test_runs_under_use_backend_and_leaves_the_threads_backend_alone(monkeypatch
 
     def recording_run(*args):
         seen.append(kernels.get_backend())
-        run(*args)
+        return run(*args)
 
     monkeypatch.setattr(vit_main, "run", recording_run)
     before = kernels.get_backend()

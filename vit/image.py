@@ -1,8 +1,11 @@
 """Load any image file as the tensor a ViT takes: (1, 3, H, W), float32 in [0, 1].
 
-    from vit.image import load_image
+    from vit.image import load_image, load_image_center_crop, normalize
     images = load_image()                        # the shipped cat, (1, 3, 224, 224)
     images = load_image("photo.png", size=384)   # any file Pillow reads, (1, 3, 384, 384)
+    # A pretrained model's way (timm's evaluation transform): shorter side to 248, centre 224.
+    images = normalize(load_image_center_crop("photo.png", 224, crop_pct=0.9, interpolation="bicubic"),
+                       mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 The tutorial did ``Compose([Resize((224, 224)), ToTensor()])(Image.open(path))`` and got
 ``torch.Size([1, 4, 224, 224])`` from an RGBA PNG: the alpha channel went straight into the
@@ -17,9 +20,11 @@ Pillow is imported inside ``load_image``, so ``import vit`` works where it is no
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,10 +42,15 @@ CAT_PATH = Path(__file__).parent / "assets" / "cat.jpg"
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 SIXTEEN_BIT_MAX = 65535
 
+# The resampling filters by timm's names for them (a pretrained config's "interpolation").
+INTERPOLATIONS = ("bilinear", "bicubic")
+
 
 def load_image(
     path: str | os.PathLike[str] | None = None,
     size: int | tuple[int, int] = 224,
+    *,
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """Read an image file into a (1, 3, height, width) float32 tensor with values in [0, 1].
 
@@ -50,10 +60,12 @@ def load_image(
             positive integers (``int`` or NumPy's, any ``numbers.Integral`` but ``bool``). There
             is no "keep the file's size": the model needs sides it was built for, or multiples
             of its patch size. At most ``PIL.Image.MAX_IMAGE_PIXELS`` pixels.
+        interpolation: the resampling filter, "bilinear" (the tutorial's) or "bicubic" (what
+            timm's pretrained ViTs were evaluated with).
 
     The photo is turned upright by its EXIF orientation, converted to RGB whatever its mode
-    (transparent pixels are put on white), resized with Pillow's bilinear filter, and scaled
-    to [0, 1]. The leading 1 is the batch dimension the model expects. The scale by mode:
+    (transparent pixels are put on white), resized with Pillow's filter, and scaled to
+    [0, 1]. The leading 1 is the batch dimension the model expects. The scale by mode:
 
     - 8 bits a channel (RGB, RGBA, L, LA, 1, P, PA, CMYK, YCbCr, LAB): 0..255 to 0..1.
     - 16-bit grey ("I;16", "I;16B", ...: 16-bit PNG and TIFF): divided by 65535.
@@ -63,9 +75,9 @@ def load_image(
     - 32-bit float grey ("F": TIFF): taken as they are, so they must lie in [0, 1]; other
       values (0..255 floats, HDR radiance, NaN) are refused rather than guessed at.
 
-    These grey images are resized in float32 by the same bilinear filter (PyTorch's
-    ``interpolate(mode="bilinear", antialias=True)``, within 1e-5 of Pillow's) and copied to
-    the three channels. Errors are one line ending in the path: a missing file is a
+    These grey images are resized in float32 by the same filter (PyTorch's
+    ``interpolate(mode=interpolation, antialias=True)``, bilinear within 1e-5 of Pillow's) and
+    copied to the three channels. Errors are one line ending in the path: a missing file is a
     FileNotFoundError, a file that is not a readable image, refused values, or an image above
     ``PIL.Image.MAX_IMAGE_PIXELS`` (Pillow's guard against decompression bombs, which warns up
     to twice that and raises above) a ValueError.
@@ -76,6 +88,8 @@ def load_image(
         raise ImportError("load_image needs Pillow: pip install pillow") from None
 
     height, width = _parse_size(size, Image.MAX_IMAGE_PIXELS)
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"load_image: interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
     path = CAT_PATH if path is None else Path(path)
 
     try:
@@ -96,21 +110,71 @@ def load_image(
     except OSError as error:  # Pillow's UnidentifiedImageError is an OSError, so is truncation
         raise ValueError(f"not an image Pillow can read: {path}") from error
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-        raise ValueError(
-            f"expected an image of at most PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels, "
-            f"Pillow's guard against decompression bombs (raise it for a file you trust), got more: {path}"
-        ) from error
+        raise _too_many_pixels(path) from error
 
     if image.mode in ("I", "F", *SIXTEEN_BIT_MODES):
         grey = _high_bit_depth_to_tensor(image, path)  # (1, 1, h, w), in [0, 1]
-        grey = F.interpolate(grey, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        grey = F.interpolate(grey, size=(height, width), mode=interpolation, antialias=True, align_corners=False)
         # The filter's weights sum to 1 only up to rounding: clamp, as Pillow's 8 bits are.
         return grey.clamp(0.0, 1.0).expand(-1, 3, -1, -1).contiguous()  # (1, 3, H, W)
 
     image = _to_rgb(image)
-    # Pillow takes (width, height); BILINEAR is what torchvision's Resize uses on a PIL image.
-    image = image.resize((width, height), Image.Resampling.BILINEAR)
+    # Pillow takes (width, height); its filter is what torchvision's Resize uses on a PIL image.
+    image = image.resize((width, height), Image.Resampling[interpolation.upper()])
     return _rgb_to_tensor(image).unsqueeze(0)  # (1, 3, H, W)
+
+
+def load_image_center_crop(
+    path: str | os.PathLike[str] | None,
+    size: int,
+    *,
+    crop_pct: float,
+    interpolation: str = "bicubic",
+) -> torch.Tensor:
+    """Read an image as timm's evaluation transform does before it normalises: the shorter side
+    resized to ``floor(size / crop_pct)`` keeping the aspect ratio, then the centre ``size`` x
+    ``size`` cut out. A (1, 3, size, size) float32 tensor in [0, 1], equal to timm's
+    ``Resize``, ``CenterCrop``, ``ToTensor`` on an 8-bit image.
+
+    ``crop_pct`` is the fraction of the resized shorter side kept, in (0, 1]: 0.9 for timm's
+    ViTs at 224, 1.0 at 384. Other arguments and errors as ``load_image``.
+    """
+    if not (_is_real(crop_pct) and 0 < crop_pct <= 1):
+        raise ValueError(f"load_image_center_crop: crop_pct must be a number in (0, 1], got {crop_pct!r}")
+    if not _is_integer(size) or size <= 0:
+        raise ValueError(f"load_image_center_crop: size must be a positive int, got {size!r}")
+    height, width = image_size(path)
+    short_side = math.floor(size / crop_pct)
+    # torchvision's Resize(int): the longer side scaled in proportion, rounded down.
+    if width <= height:
+        resized = (int(short_side * height / width), short_side)
+    else:
+        resized = (short_side, int(short_side * width / height))
+    images = load_image(path, resized, interpolation=interpolation)  # (1, 3, H', W')
+    # torchvision's CenterCrop rounds the offsets (half to even, as Python's round does).
+    top = round((resized[0] - size) / 2)
+    left = round((resized[1] - size) / 2)
+    return images[:, :, top:top + size, left:left + size].contiguous()  # (1, 3, size, size)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(images - mean) / std`` per channel, as torchvision's ``Normalize``: the statistics a
+    pretrained model's training images were scaled by (timm's pretrained config has them).
+
+    ``images`` is (B, C, H, W) or (C, H, W); ``mean`` and ``std`` hold C numbers each, std
+    all nonzero. Returns a new tensor of the images' dtype.
+    """
+    channels = images.shape[-3] if images.dim() >= 3 else None
+    if channels is None or len(mean) != channels or len(std) != channels:
+        raise ValueError(
+            f"normalize: expected images (B, C, H, W) and C values each of mean and std, got images "
+            f"{tuple(images.shape)}, {len(mean)} means and {len(std)} stds"
+        )
+    if any(s == 0 for s in std):
+        raise ValueError(f"normalize: expected a nonzero std for every channel, got {tuple(std)}")
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)  # (C, 1, 1)
+    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return images.sub(mean).div(std)
 
 
 def image_size(path: str | os.PathLike | None = None) -> tuple[int, int]:
@@ -119,18 +183,35 @@ def image_size(path: str | os.PathLike | None = None) -> tuple[int, int]:
 
     path = CAT_PATH if path is None else Path(path)
     try:
-        with Image.open(path) as image_file:
-            width, height = image_file.size
-            orientation = image_file.getexif().get(0x0112, 1)  # 5 to 8: the photo is turned a quarter
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image_file:
+                width, height = image_file.size
+                orientation = image_file.getexif().get(0x0112, 1)  # 5 to 8: the photo is turned a quarter
     except FileNotFoundError:
         raise FileNotFoundError(f"no image file at {path}") from None
     except OSError as error:
         raise ValueError(f"not an image Pillow can read: {path}") from error
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise _too_many_pixels(path) from error
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+def _too_many_pixels(path: Path) -> ValueError:
+    from PIL import Image
+
+    return ValueError(
+        f"expected an image of at most PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels, "
+        f"Pillow's guard against decompression bombs (raise it for a file you trust), got more: {path}"
+    )
 
 
 def _is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _parse_size(size, max_pixels: int | None) -> tuple[int, int]:

@@ -16,6 +16,7 @@ are a ValueError naming the option, never a silently different model: above all
 before it (timm's ``fc_norm=False`` is ours, exactly).
 
     ours = vit.timm_weights.from_timm(timm_model)            # a ViT with timm's config and weights
+    vit.timm_weights.check_state_dict(our_state_dict, config)  # our names and shapes, or a ValueError
     vit.timm_weights.load_timm_weights(model, timm_model.state_dict())
     timm_model.load_state_dict(to_timm_state_dict(model.state_dict(), model.config))
 """
@@ -55,17 +56,32 @@ def _expected_state_dict(config: ViTConfig, form: str | None = None) -> dict[str
     return {name: tensor.shape for name, tensor in model.state_dict().items()}
 
 
+def _first_names(names: list[str], shown: int = 3) -> str:
+    """``names`` for a one-line message: a wrong depth misses a dozen names per block."""
+    if not names:
+        return "none"
+    if len(names) <= shown:
+        return str(names)
+    return f"{names[:shown]} and {len(names) - shown} more"
+
+
 def _check_keys(where: str, converted: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> None:
     missing = [name for name in expected if name not in converted]
     unexpected = [name for name in converted if name not in expected]
     if missing or unexpected:
         raise ValueError(
-            f"{where}: the state dict does not fit this ViTConfig: missing {missing or 'none'}, "
-            f"unexpected {unexpected or 'none'}"
+            f"{where}: the state dict does not fit this ViTConfig: missing {_first_names(missing)}, "
+            f"unexpected {_first_names(unexpected)}"
         )
     for name, shape in expected.items():
         if converted[name].shape != shape:
             raise ValueError(f"{where}: expected {name} of shape {tuple(shape)}, got {tuple(converted[name].shape)}")
+
+
+def check_state_dict(state_dict: dict[str, torch.Tensor], config: ViTConfig, *, where: str = "check_state_dict") -> None:
+    """Whether ``state_dict`` has our names and shapes for ``config``: a ValueError names the
+    missing and unexpected names, else the first tensor of another shape."""
+    _check_keys(where, dict(state_dict), _expected_state_dict(config))
 
 
 def _linear_from_conv(weight: torch.Tensor) -> torch.Tensor:
@@ -79,9 +95,11 @@ def _conv_from_linear(weight: torch.Tensor, config: ViTConfig) -> torch.Tensor:
     return weight.reshape(weight.shape[0], p, p, c).permute(0, 3, 1, 2).contiguous()
 
 
-def from_timm_state_dict(state_dict: dict[str, torch.Tensor], config: ViTConfig) -> dict[str, torch.Tensor]:
-    """timm VisionTransformer state dict -> ours for ``config``; tensors are shared where no layout changes."""
-    where = "from_timm_state_dict"
+def from_timm_state_dict(
+    state_dict: dict[str, torch.Tensor], config: ViTConfig, *, where: str = "from_timm_state_dict"
+) -> dict[str, torch.Tensor]:
+    """timm VisionTransformer state dict -> ours for ``config``; tensors are shared where no layout
+    changes. ``where`` begins the message of a ValueError (the file the state dict came from, say)."""
     for name in state_dict:
         for marker, option in _UNSUPPORTED_KEYS:
             if marker in name:
@@ -110,7 +128,7 @@ def from_timm_state_dict(state_dict: dict[str, torch.Tensor], config: ViTConfig)
 def to_timm_state_dict(our_state_dict: dict[str, torch.Tensor], config: ViTConfig) -> dict[str, torch.Tensor]:
     """Our state dict for ``config`` -> timm VisionTransformer's (``global_pool`` 'token', or 'avg' with
     ``fc_norm=False`` when ``config.pool == 'mean'``)."""
-    _check_keys("to_timm_state_dict", dict(our_state_dict), _expected_state_dict(config))
+    check_state_dict(our_state_dict, config, where="to_timm_state_dict")
     converted = {}
     for name, tensor in our_state_dict.items():
         if name in ("patch_embed.cls_token", "patch_embed.pos_embed"):

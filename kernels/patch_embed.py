@@ -49,6 +49,11 @@ def _configs(sizes: list[tuple[int, int, int, int, int]], names: tuple[str, str,
 # (one image, a 1-channel 8x8 patch). Configs that run out of shared memory for fp32 are skipped
 # by the autotuner. The interpreter gets one config: autotuning there would only multiply the
 # run time. Each kernel names its blocks by what they tile: rows M = B*N, columns D, depth K.
+# Left out, read off the sm_90 machine code (``python -m bench.sass --op patch_embed``, held by
+# tests/test_sass.py): 2-warp tiles, under a warpgroup, compile to mma.sync (HMMA) instead of
+# wgmma; and in the forward, whose gathered patch addresses take registers beside the
+# accumulator, the tiles that spill at ViT-B/16 or ViT-H/14 in bf16 (128x256 and 256x128 with 8
+# warps, 128x128 with 4, and 64x128 with 4 at patch 14).
 _TILE_SIZES = [
     (128, 128, 64, 3, 8),
     (128, 256, 64, 3, 8),
@@ -57,16 +62,16 @@ _TILE_SIZES = [
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4),
-    (64, 64, 32, 5, 2),
 ]
+_FORWARD_TILE_SIZES = [(128, 128, 64, 3, 8), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]
 _INTERPRETER_TILE = [(32, 64, 64, 1, 4)]
 _FORWARD_NAMES = ("BLOCK_M", "BLOCK_D", "BLOCK_K")  # output tile (M, D), reduce over K
 _GRAD_WEIGHT_NAMES = ("BLOCK_D", "BLOCK_K", "BLOCK_M")  # output tile (D, K), reduce over M
 _GRAD_IMAGES_NAMES = ("BLOCK_M", "BLOCK_K", "BLOCK_D")  # output tile (M, K), reduce over D
 
 
-def _autotuned(names: tuple[str, str, str]) -> list[triton.Config]:
-    return autotune_configs(_configs(_TILE_SIZES, names), _configs(_INTERPRETER_TILE, names)[0])
+def _autotuned(names: tuple[str, str, str], sizes=_TILE_SIZES) -> list[triton.Config]:
+    return autotune_configs(_configs(sizes, names), _configs(_INTERPRETER_TILE, names)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +113,7 @@ def _patch_origin(rows, n_patches, patches_per_row, stride_b, stride_h, stride_w
     return image, patch, origin
 
 
-@triton.autotune(configs=_autotuned(_FORWARD_NAMES), key=["n_rows", "dim", "CHANNELS", "PATCH"])
+@triton.autotune(configs=_autotuned(_FORWARD_NAMES, _FORWARD_TILE_SIZES), key=["n_rows", "dim", "CHANNELS", "PATCH"])
 @triton.jit
 def _patch_embed_forward_kernel(
     images_ptr, weight_ptr, bias_ptr, cls_ptr, pos_ptr, tokens_ptr,

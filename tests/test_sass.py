@@ -14,7 +14,7 @@ config (13.8 before the loop was made lean; Triton's tutorial kernel is about 9.
 What is compiled: bf16 at the four shapes, fp16 at ViT-B/16 and SigLIP (head-dim blocks 64 and
 128). The two dtypes compile to the same code but for the MMA's input type; fp16 at the other two
 shapes (same head-dim blocks, other lengths and head counts) would add about 40 s for no new fact.
-The patch projection is not checked here (``python -m bench.sass`` reports it). The compiles run
+The patch projection: at ViT-H/14 in bf16, no config spills or falls to mma.sync. The compiles run
 once per module, in three subprocesses (TRITON_INTERPRET=0) two at a time; the SASS-reading
 heuristics are tested first on hand-written SASS. Last, ``bench/gpu_check.py``: without a GPU it
 says so in one line, and its table's ratios are to the fastest peer.
@@ -173,6 +173,37 @@ def test_forward_main_loop_at_vit_b16_is_lean(compiled, dtype):
     forward = [e for e in compiled["vit_b16", dtype] if e["kernel"] == "_attention_forward_kernel"]
     best = min(forward, key=lambda e: e["instructions_per_score"])
     assert best["instructions_per_score"] <= 10.0, [(e["config"], e["instructions_per_score"]) for e in forward]
+
+
+# ---------------------------------------------------------------------------------------------
+# The patch projection's three GEMMs, at ViT-H/14 in bf16 (patch 14, where the forward's gathered
+# addresses press hardest on the registers): every config they would try.
+
+
+@pytest.fixture(scope="module")
+def compiled_patch_embed(tmp_path_factory) -> list[dict]:
+    pytest.importorskip("triton")
+    out = tmp_path_factory.mktemp("sass_patch_embed")
+    environment = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "bench.sass", "--op", "patch_embed", "--shape", "vit_h14", "--dtype", "bf16",
+               "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900, check=False)
+    if result.returncode == sass.EXIT_CANNOT_COMPILE:
+        pytest.skip(result.stderr.strip().splitlines()[-1])
+    report = out / "report.json"
+    assert report.exists(), f"bench.sass --op patch_embed exited {result.returncode}:\n{result.stderr[-4000:]}"
+    return json.loads(report.read_text())
+
+
+def test_patch_projection_neither_spills_nor_falls_to_mma_sync(compiled_patch_embed):
+    kernels_seen = {e["kernel"] for e in compiled_patch_embed}
+    assert kernels_seen == {"_patch_embed_forward_kernel", "_patch_embed_grad_weight_kernel", "_patch_embed_grad_images_kernel"}
+    wrong = [
+        f"{_described(e)}: {e.get('error') or ''} {e.get('spilled_bytes')} bytes spilled, {e.get('hgmma')} HGMMA, {e.get('hmma')} HMMA"
+        for e in compiled_patch_embed
+        if "error" in e or e["spilled_bytes"] != 0 or e["local_memory_instructions"] != 0 or e["hgmma"] == 0 or e["hmma"] != 0
+    ]
+    assert not wrong, "\n".join(wrong)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,12 +79,24 @@ def _free() -> None:
 # 1. Correctness.
 
 
+def _compared(outputs: dict) -> str:
+    """"pass (max errors)" for {"ours", "float64", "bf16"}: (output, qkv gradient) by the tests' rule,
+    which raises AssertionError otherwise."""
+    from tests.equivalence import assert_close_to_reference
+
+    errors = []
+    for index, what in enumerate(("output", "grad qkv")):
+        ours, exact, low = (outputs[run][index] for run in ("ours", "float64", "bf16"))
+        errors.append(f"{what} {(ours.double() - exact).abs().max().item():.2e}")
+        assert_close_to_reference(ours, exact, low, name=what)
+    return "pass (" + ", ".join(errors) + ")"
+
+
 def check_correctness(clock: Clock) -> list[dict]:
     """One row per shape: the max errors of the output and the qkv gradient, and whether they pass."""
     import kernels
     from bench.sass import SHAPES
     from kernels.reference import attention_reference
-    from tests.equivalence import assert_close_to_reference
 
     rows = []
     for name in CORRECTNESS_ORDER:
@@ -107,12 +119,7 @@ def check_correctness(clock: Clock) -> list[dict]:
                 out = kernels.attention(q, k, v, backend="triton") if run == "ours" else attention_reference(q, k, v)
                 (grad,) = torch.autograd.grad(out, leaf, grad_out.to(dtype))
                 outputs[run] = (out.detach(), grad)
-            errors = []
-            for index, what in enumerate(("output", "grad qkv")):
-                ours, exact, low = (outputs[run][index] for run in ("ours", "float64", "bf16"))
-                errors.append(f"{what} {(ours.double() - exact).abs().max().item():.2e}")
-                assert_close_to_reference(ours, exact, low, name=what)
-            row["result"] = "pass (" + ", ".join(errors) + ")"
+            row["result"] = _compared(outputs)
         except AssertionError as error:
             row["result"] = f"FAIL: {_one_line(error, 300)}"
         except Exception as error:  # noqa: BLE001 - recorded, the next shape still runs
@@ -234,7 +241,6 @@ def time_varlen(clock: Clock, limits) -> tuple[list[dict], list[dict]]:
     import kernels
     from bench.test_varlen import MIXES, PROVIDERS, varlen_call
     from kernels.reference import attention_varlen_reference
-    from tests.equivalence import assert_close_to_reference
 
     native, windows = MIXES["vlm-native-bf16-fwdbwd"], MIXES["vlm-windows-bf16-fwd"]
     lengths = native.lengths
@@ -257,12 +263,7 @@ def time_varlen(clock: Clock, limits) -> tuple[list[dict], list[dict]]:
                 out = attention_varlen_reference(q, k, v, cu_seqlens, cu_seqlens)
             (grad,) = torch.autograd.grad(out, leaf, grad_out.to(dtype))
             outputs[run] = (out.detach(), grad)
-        errors = []
-        for index, what in enumerate(("output", "grad qkv")):
-            ours, exact, low = (outputs[run][index] for run in ("ours", "float64", "bf16"))
-            errors.append(f"{what} {(ours.double() - exact).abs().max().item():.2e}")
-            assert_close_to_reference(ours, exact, low, name=what)
-        row["result"] = "pass (" + ", ".join(errors) + ")"
+        row["result"] = _compared(outputs)
     except TimeoutError as error:
         row["result"] = str(error)
     except AssertionError as error:

@@ -255,12 +255,13 @@ def _sequence(cu_seqlens_ptr, index):
 @triton.jit
 def _load_rows(
     ptr, index, stride, length, stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    CHECK_LENGTH: tl.constexpr, TRANSPOSED: tl.constexpr,
+    CHECK_LENGTH: tl.constexpr, TRANSPOSED: tl.constexpr, D_START: tl.constexpr = 0,
 ):
-    """Rows ``index`` of a (length, HEAD_DIM) slice: a (len(index), BLOCK_D) tile, or its transpose
-    (BLOCK_D, len(index)) when TRANSPOSED, zero past HEAD_DIM and, when CHECK_LENGTH, past ``length``.
-    Without CHECK_LENGTH every index must be below ``length``: nothing is checked."""
-    offs_d = tl.arange(0, BLOCK_D)
+    """Rows ``index`` of a (length, HEAD_DIM) slice, head-dim columns D_START + [0, BLOCK_D): a
+    (len(index), BLOCK_D) tile, or its transpose (BLOCK_D, len(index)) when TRANSPOSED, zero past
+    HEAD_DIM and, when CHECK_LENGTH, past ``length``. Without CHECK_LENGTH every index must be
+    below ``length``: nothing is checked."""
+    offs_d = D_START + tl.arange(0, BLOCK_D)
     if TRANSPOSED:
         ptrs = ptr + _offsets(index, stride, ROW_ALIGN)[None, :] + offs_d[:, None] * stride_d
         in_length, in_head = index[None, :] < length, offs_d[:, None] < HEAD_DIM
@@ -269,7 +270,7 @@ def _load_rows(
         in_length, in_head = index[:, None] < length, offs_d[None, :] < HEAD_DIM
     if CHECK_LENGTH:
         tile = tl.load(ptrs, mask=in_length & in_head, other=0.0)
-    elif HEAD_DIM != BLOCK_D:
+    elif D_START + BLOCK_D > HEAD_DIM:
         tile = tl.load(ptrs, mask=in_head, other=0.0)
     else:
         tile = tl.load(ptrs)
@@ -278,20 +279,30 @@ def _load_rows(
 
 @triton.jit
 def _forward_block(
-    acc, row_sum, row_max, q, rows, start_n, k_ptr, v_ptr, mask_ptr, head_seed,
+    acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr, head_seed,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
     seqlen_q, seqlen_k, scale_log2e, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SPLIT_D: tl.constexpr,
+    BLOCK_D_LO: tl.constexpr,
 ):
-    """The online softmax over the keys start_n + [0, BLOCK_N): (acc, row_sum, row_max) updated."""
+    """The online softmax over the keys start_n + [0, BLOCK_N): (acc, acc_lo, row_sum, row_max) updated.
+
+    SPLIT_D (see ``_head_dim_split``): the head dim in two pieces, BLOCK_D then BLOCK_D_LO columns;
+    q and q_lo, acc and acc_lo hold them, and each dot is two. Otherwise q_lo and acc_lo pass through.
+    """
     cols = start_n + tl.arange(0, BLOCK_N)
     k_t = _load_rows(
         k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D, ROW_ALIGN, MASKED, True
     )  # (BLOCK_D, BLOCK_N)
     qk = dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+    if SPLIT_D:
+        k_lo_t = _load_rows(
+            k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, MASKED, True, BLOCK_D
+        )  # (BLOCK_D_LO, BLOCK_N)
+        qk = dot(q_lo, k_lo_t, qk, EXACT_FP32_DOTS, UPCAST_DOTS)
     if MASKED:
         logits = _logits_base2(
             qk, rows[:, None], cols[None, :], mask_ptr, stride_maskm, stride_maskn,
@@ -314,8 +325,14 @@ def _forward_block(
     v = _load_rows(
         v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, MASKED, False
     )  # (BLOCK_N, BLOCK_DV)
-    acc = dot(rounded_to(probs, v_ptr, UPCAST_DOTS), v, acc * rescale[:, None], EXACT_FP32_DOTS, UPCAST_DOTS)
-    return acc, row_sum, new_max
+    probs = rounded_to(probs, v_ptr, UPCAST_DOTS)
+    acc = dot(probs, v, acc * rescale[:, None], EXACT_FP32_DOTS, UPCAST_DOTS)
+    if SPLIT_D:
+        v_lo = _load_rows(
+            v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN, MASKED, False, BLOCK_DV
+        )  # (BLOCK_N, BLOCK_D_LO)
+        acc_lo = dot(probs, v_lo, acc_lo * rescale[:, None], EXACT_FP32_DOTS, UPCAST_DOTS)
+    return acc, acc_lo, row_sum, new_max
 
 
 @triton.autotune(
@@ -335,11 +352,12 @@ def _attention_forward_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEGATIVE_SCALE: tl.constexpr,
     EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The output and softmax statistics of one block of BLOCK_M query rows of one (batch, head).
 
-    VARLEN: a "batch" is a packed sequence, seqlen_q and seqlen_k the longest (they size the grid)."""
+    VARLEN: a "batch" is a packed sequence, seqlen_q and seqlen_k the longest (they size the grid).
+    SPLIT_D: BLOCK_D and BLOCK_DV are the head dim's first piece, BLOCK_D_LO its second."""
     n_row_blocks = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
     # Last row blocks first: under a causal mask they have the most keys, so they start earliest.
@@ -373,37 +391,41 @@ def _attention_forward_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    q_lo, acc_lo = q, acc  # passed through unless SPLIT_D
+    if SPLIT_D:
+        q_lo = _load_rows(q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, True, False, BLOCK_D)
+        acc_lo = tl.zeros([BLOCK_M, BLOCK_D_LO], tl.float32)
     # The lean body (see above); a negative scale (rare) takes the masked one: its largest logit is
     # the smallest product, where the lean body scales the largest.
     if MASK_KIND == 0 and not IS_CAUSAL and not EXACT_FP32_DOTS and not NEGATIVE_SCALE:
         lean_end = seqlen_k // BLOCK_N * BLOCK_N  # the whole blocks
         for start_n in range(0, lean_end, BLOCK_N):
-            acc, row_sum, row_max = _forward_block(
-                acc, row_sum, row_max, q, rows, start_n, k_ptr, v_ptr, mask_ptr, head_seed,
+            acc, acc_lo, row_sum, row_max = _forward_block(
+                acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr, head_seed,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
                 seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, False,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, False, SPLIT_D, BLOCK_D_LO,
             )
         if lean_end < seqlen_k:  # the last, partial block
-            acc, row_sum, row_max = _forward_block(
-                acc, row_sum, row_max, q, rows, lean_end, k_ptr, v_ptr, mask_ptr, head_seed,
+            acc, acc_lo, row_sum, row_max = _forward_block(
+                acc, acc_lo, row_sum, row_max, q, q_lo, rows, lean_end, k_ptr, v_ptr, mask_ptr, head_seed,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
                 seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
             )
     else:
         key_end = seqlen_k
         if IS_CAUSAL:
             key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)  # keys past the last row: all masked
         for start_n in range(0, key_end, BLOCK_N):
-            acc, row_sum, row_max = _forward_block(
-                acc, row_sum, row_max, q, rows, start_n, k_ptr, v_ptr, mask_ptr, head_seed,
+            acc, acc_lo, row_sum, row_max = _forward_block(
+                acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr, head_seed,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
                 seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
             )
 
     # A row with every key masked has row_sum 0: divide by 1, output 0, and save a maximum of 0 and
@@ -415,11 +437,20 @@ def _attention_forward_kernel(
     tl.store(stats_ptr + rows, tl.where(row_max == float("-inf"), 0.0, row_max), mask=rows < seqlen_q)
     tl.store(stats_ptr + stride_stats + rows, tl.log2(row_sum), mask=rows < seqlen_q)
     offs_dv = tl.arange(0, BLOCK_DV)
+    out_rows = out_ptr + _offsets(rows, stride_om, ROW_ALIGN)[:, None]
     tl.store(
-        out_ptr + _offsets(rows, stride_om, ROW_ALIGN)[:, None] + offs_dv[None, :] * stride_od,
-        rounded_to(acc, out_ptr, UPCAST_DOTS),
+        out_rows + offs_dv[None, :] * stride_od, rounded_to(acc, out_ptr, UPCAST_DOTS),
         mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V),
     )
+    if SPLIT_D:
+        acc_lo = acc_lo / row_sum[:, None]
+        if HAS_DROPOUT:
+            acc_lo = acc_lo * (1.0 / (1.0 - dropout_p))
+        offs_lo = BLOCK_DV + tl.arange(0, BLOCK_D_LO)
+        tl.store(
+            out_rows + offs_lo[None, :] * stride_od, rounded_to(acc_lo, out_ptr, UPCAST_DOTS),
+            mask=(rows[:, None] < seqlen_q) & (offs_lo[None, :] < HEAD_DIM_V),
+        )
 
 
 @triton.jit
@@ -805,6 +836,25 @@ def _row_align(*tensors: torch.Tensor) -> int:
     return vector if all(stride % vector == 0 for t in tensors for stride in t.stride()[:-1]) else 1
 
 
+def _head_dim_split(head_dim: int, head_dim_v: int, exact_fp32: bool) -> tuple[int, int] | None:
+    """(first piece, second piece) of the forward's head dim, or None to pad it to a power of two.
+
+    A head dim of 72-96 padded to 128 spends 25-44% of each q k^T and p v product on zeros; as
+    64 + 16 (72, 80) or 64 + 32 (88, 96) the padding is 0-10%, for a second, smaller tensor-core
+    product per dot. So: the largest power of two below it, then the rest rounded up to a power of
+    two of at least 16 (a tensor core's depth), where that is less than the padded width. Only
+    with D = Dv (one split serves both dots) and tensor-core dots; the backward pads.
+    """
+    if head_dim != head_dim_v or exact_fp32:
+        return None
+    padded = triton.next_power_of_2(head_dim)
+    first = padded // 2
+    if head_dim <= first or first < 32:
+        return None
+    second = max(16, triton.next_power_of_2(head_dim - first))
+    return (first, second) if first + second < padded else None
+
+
 def _kernel_constants(q, v, dropout_p, allow_tf32):
     """The constexprs every attention kernel takes, from the inputs."""
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
@@ -866,13 +916,17 @@ def _launch_forward(layout, q, k, v, mask, dropout_seed, scale, dropout_p, is_ca
     def grid(meta):
         return attention_grid(layout.seqlen_q, layout.batch * layout.heads, meta["BLOCK_M"])
 
+    constants = _kernel_constants(q, v, dropout_p, allow_tf32)
+    split = _head_dim_split(q.shape[-1], v.shape[-1], constants["EXACT_FP32_DOTS"])
+    if split is not None:
+        constants["BLOCK_D"] = constants["BLOCK_DV"] = split[0]
     torch.library.wrap_triton(_attention_forward_kernel)[grid](
         q, k, v, mask_ptr, seed, out, stats, *layout.cu_seqlens(stats),
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *mask_strides, *layout.strides(out),
         stride_stats, stride_stats_b, stride_stats_h,
         layout.heads, layout.seqlen_q, layout.seqlen_k, scale * LOG2E, dropout_p,
         MASK_KIND=mask_kind, IS_CAUSAL=is_causal, NEGATIVE_SCALE=scale < 0, ROW_ALIGN=_row_align(q, k, v, out),
-        VARLEN=layout.varlen, **_kernel_constants(q, v, dropout_p, allow_tf32),
+        VARLEN=layout.varlen, SPLIT_D=split is not None, BLOCK_D_LO=split[1] if split else 16, **constants,
     )
 
 

@@ -535,10 +535,29 @@ def test_every_autotune_config_on_the_lean_path(index, monkeypatch):
     ]
     for kernel, configs in kernels_and_configs:
         monkeypatch.setattr(kernel, "configs", [configs[index % len(configs)]])
-    for seqlen_q, seqlen_k in ((150, 70), (128, 256)):
-        check_against_reference(make_inputs(1, 2, seqlen_q, seqlen_k, 64, f16, seed=index), scale=0.3)
+    for seqlen_q, seqlen_k, head_dim in ((150, 70, 64), (128, 256, 72)):  # 72: the forward splits it 64 + 16
+        check_against_reference(make_inputs(1, 2, seqlen_q, seqlen_k, head_dim, f16, seed=index), scale=0.3)
     lengths_q, lengths_k = [130, 0, 64, 7], [70, 5, 128, 7]
     check_varlen(lengths_q, lengths_k, packed_inputs(lengths_q, lengths_k, 2, 64, bf16, seed=index))
+
+
+@pytest.mark.parametrize("head_dim", [40, 72, 80, 96, 160])
+@pytest.mark.parametrize("dtype", [f16, bf16])
+def test_head_dim_split_in_two_pieces(head_dim, dtype):
+    """Head dims the forward splits into two power-of-two pieces (``_head_dim_split``: 32 + 16,
+    64 + 16, 64 + 32, 128 + 32) rather than pad: unmasked, and with a bias, causal and dropout."""
+    split = attention_module._head_dim_split(head_dim, head_dim, False)
+    assert split is not None and sum(split) < triton.next_power_of_2(head_dim) and sum(split) >= head_dim
+    check_against_reference(make_inputs(2, 2, 37, 70, head_dim, dtype, seed=head_dim))
+    inputs = make_inputs(1, 2, 70, 37, head_dim, dtype, mask=("float", (1, 2, 70, 37), f32), seed=head_dim)
+    check_dropout(inputs, 0.2, is_causal=True)
+
+
+def test_head_dim_split_is_only_where_it_saves_work():
+    split = attention_module._head_dim_split
+    assert [split(d, d, False) for d in (16, 32, 64, 112, 128, 256)] == [None] * 6
+    assert split(80, 64, False) is None and split(80, 80, True) is None  # D != Dv; exact fp32 dots
+    assert split(80, 80, False) == (64, 16) and split(88, 88, False) == (64, 32)
 
 
 def test_custom_op_schema_and_autograd_registration():

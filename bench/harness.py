@@ -41,6 +41,35 @@ def require_gpu(reason: str = NEEDS_GPU) -> None:
         pytest.skip(reason)
 
 
+class BenchCase:
+    """What the benchmark cases share (frozen dataclasses with ``shape``, the model the sizes come
+    from, ``batch``, ``dtype`` and ``backward``): the pass, the pytest-benchmark group, the id and
+    the JSON record, built from the class's ``OP`` and the case's own sizes (``size_text`` in the
+    group, ``size_id`` in the id, ``size_record`` in the record)."""
+
+    OP = ""
+    DEVICE_NOTE = ""  # a device the case runs on whatever the machine has ("cpu"), else ""
+
+    @property
+    def passes(self) -> str:
+        return "fwd+bwd" if self.backward else "fwd"
+
+    @property
+    def group(self) -> str:
+        where = f" {self.DEVICE_NOTE}" if self.DEVICE_NOTE else ""
+        return f"{self.OP} {self.shape} B={self.batch} {self.size_text()} {DTYPE_NAMES[self.dtype]} {self.passes}{where}"
+
+    @property
+    def id(self) -> str:
+        name = self.shape.lower().replace("/", "").replace("-", "_")
+        return f"{name}-{self.size_id()}-b{self.batch}-{DTYPE_NAMES[self.dtype]}-{self.passes}"
+
+    def record(self) -> dict:
+        where = {"device": self.DEVICE_NOTE} if self.DEVICE_NOTE else {}
+        return {"op": self.OP, "shape": self.shape, "batch": self.batch, **self.size_record(),
+                "dtype": DTYPE_NAMES[self.dtype], "pass": self.passes, **where}
+
+
 def case_params(cases: dict) -> list:
     """One pytest parameter per case: its id (readable in the JSON) and its benchmark group."""
     return [pytest.param(case_id, id=case_id, marks=pytest.mark.benchmark(group=case.group)) for case_id, case in cases.items()]

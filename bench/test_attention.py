@@ -25,9 +25,9 @@ import kernels
 from bench.harness import (
     COMPILED_ON_GPU_ONLY,
     DEVICE,
-    DTYPE_NAMES,
     NEEDS_GPU,
     ON_GPU,
+    BenchCase,
     case_params,
     measure,
     require_gpu,
@@ -37,7 +37,8 @@ from bench.roofline import attention_work
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
+class Case(BenchCase):
+    OP = "attention"
     shape: str  # the model whose attention this is
     heads: int
     tokens: int
@@ -46,27 +47,14 @@ class Case:
     dtype: torch.dtype
     backward: bool
 
-    @property
-    def passes(self) -> str:
-        return "fwd+bwd" if self.backward else "fwd"
+    def size_text(self) -> str:
+        return f"H={self.heads} N={self.tokens} D={self.head_dim}"
 
-    @property
-    def group(self) -> str:
-        return (
-            f"attention {self.shape} B={self.batch} H={self.heads} N={self.tokens} D={self.head_dim} "
-            f"{DTYPE_NAMES[self.dtype]} {self.passes}"
-        )
+    def size_id(self) -> str:
+        return f"n{self.tokens}"
 
-    @property
-    def id(self) -> str:
-        name = self.shape.lower().replace("/", "").replace("-", "_")
-        return f"{name}-n{self.tokens}-b{self.batch}-{DTYPE_NAMES[self.dtype]}-{self.passes}"
-
-    def record(self) -> dict:
-        return {
-            "op": "attention", "shape": self.shape, "batch": self.batch, "heads": self.heads,
-            "tokens": self.tokens, "head_dim": self.head_dim, "dtype": DTYPE_NAMES[self.dtype], "pass": self.passes,
-        }
+    def size_record(self) -> dict:
+        return {"heads": self.heads, "tokens": self.tokens, "head_dim": self.head_dim}
 
 
 # (shape, heads, tokens, head dim)

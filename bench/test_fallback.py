@@ -25,8 +25,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.harness import DTYPE_NAMES, measure
+from bench.harness import measure
 from bench.roofline import attention_work
+from bench.test_attention import Case as AttentionCase
 from bench.test_attention import heads_first, timed_unit
 from kernels.reference import attention_fallback
 from tests.test_fallback import PeakMemory
@@ -35,40 +36,13 @@ CPU = torch.device("cpu")
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
-    shape: str
-    heads: int
-    tokens: int
-    head_dim: int
-    batch: int
-    dtype: torch.dtype
-    backward: bool
-
-    @property
-    def passes(self) -> str:
-        return "fwd+bwd" if self.backward else "fwd"
-
-    @property
-    def group(self) -> str:
-        return (
-            f"fallback {self.shape} B={self.batch} H={self.heads} N={self.tokens} D={self.head_dim} "
-            f"{DTYPE_NAMES[self.dtype]} {self.passes} cpu"
-        )
-
-    @property
-    def id(self) -> str:
-        name = self.shape.lower().replace("/", "").replace("-", "_")
-        return f"{name}-n{self.tokens}-b{self.batch}-{DTYPE_NAMES[self.dtype]}-{self.passes}"
+class Case(AttentionCase):
+    OP = "fallback"
+    DEVICE_NOTE = "cpu"
 
     @property
     def long(self) -> bool:
         return self.tokens > 1024
-
-    def record(self) -> dict:
-        return {
-            "op": "fallback", "shape": self.shape, "batch": self.batch, "heads": self.heads, "tokens": self.tokens,
-            "head_dim": self.head_dim, "dtype": DTYPE_NAMES[self.dtype], "pass": self.passes, "device": "cpu",
-        }
 
 
 CASE_LIST = [

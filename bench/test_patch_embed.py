@@ -22,9 +22,9 @@ import kernels
 from bench.harness import (
     COMPILED_ON_GPU_ONLY,
     DEVICE,
-    DTYPE_NAMES,
     NEEDS_GPU,
     ON_GPU,
+    BenchCase,
     case_params,
     cudnn_autotuned,
     measure,
@@ -37,7 +37,8 @@ CHANNELS = 3
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
+class Case(BenchCase):
+    OP = "patch_embed"
     shape: str
     image: int
     patch: int
@@ -46,27 +47,14 @@ class Case:
     dtype: torch.dtype
     backward: bool
 
-    @property
-    def passes(self) -> str:
-        return "fwd+bwd" if self.backward else "fwd"
+    def size_text(self) -> str:
+        return f"{self.image}x{self.image} P={self.patch} D={self.dim}"
 
-    @property
-    def group(self) -> str:
-        return (
-            f"patch_embed {self.shape} B={self.batch} {self.image}x{self.image} P={self.patch} D={self.dim} "
-            f"{DTYPE_NAMES[self.dtype]} {self.passes}"
-        )
+    def size_id(self) -> str:
+        return str(self.image)
 
-    @property
-    def id(self) -> str:
-        name = self.shape.lower().replace("/", "").replace("-", "_")
-        return f"{name}-{self.image}-b{self.batch}-{DTYPE_NAMES[self.dtype]}-{self.passes}"
-
-    def record(self) -> dict:
-        return {
-            "op": "patch_embed", "shape": self.shape, "batch": self.batch, "image": self.image,
-            "patch": self.patch, "dim": self.dim, "dtype": DTYPE_NAMES[self.dtype], "pass": self.passes,
-        }
+    def size_record(self) -> dict:
+        return {"image": self.image, "patch": self.patch, "dim": self.dim}
 
 
 if ON_GPU:

@@ -122,9 +122,12 @@ def _configs(table) -> list[triton.Config]:
     ]
 
 
-def _pruner(table):
+def _pruner(table, split_as_padded=False):
     """An ``early_config_prune`` keeping the configs ``table`` lists for the launch's dot kind and
     BLOCK_D, and under a mask, causal or dropout those of at most 16 scores per thread (if any).
+    With the head dim split (SPLIT_D), BLOCK_D is its first piece; ``split_as_padded`` looks the
+    configs up at the padded width instead (dK/dV, whose four accumulators and tiles per piece
+    spill at 64 x 64 with a second piece at D = 72).
 
     A pure function of autotune-key arguments (q's dtype, HEAD_DIM, HEAD_DIM_V, MASK_KIND,
     IS_CAUSAL, HAS_DROPOUT, EXACT_FP32_DOTS), cheap, and plain Python: Triton's autotuner calls it,
@@ -140,6 +143,8 @@ def _pruner(table):
         else:
             kind = TF32 if arguments["q_ptr"].dtype == torch.float32 else F16
         block_d = max(arguments["BLOCK_D"], arguments["BLOCK_DV"])
+        if split_as_padded and arguments.get("SPLIT_D"):
+            block_d = triton.next_power_of_2(block_d + arguments["BLOCK_D_LO"])
 
         def tried(config):
             kinds = tried_at.get((config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages))
@@ -275,6 +280,21 @@ def _load_rows(
     else:
         tile = tl.load(ptrs)
     return tile
+
+
+@triton.jit
+def _store_rows(
+    ptr, index, stride, length, stride_d, tile, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, UPCAST_DOTS: tl.constexpr, D_START: tl.constexpr = 0,
+):
+    """Store a (len(index), BLOCK_D) fp32 ``tile`` into rows ``index`` (below ``length``), head-dim
+    columns D_START + [0, BLOCK_D) (below HEAD_DIM), of a (length, HEAD_DIM) slice, in its dtype."""
+    offs_d = D_START + tl.arange(0, BLOCK_D)
+    tl.store(
+        ptr + _offsets(index, stride, ROW_ALIGN)[:, None] + offs_d[None, :] * stride_d,
+        rounded_to(tile, ptr, UPCAST_DOTS),
+        mask=(index[:, None] < length) & (offs_d[None, :] < HEAD_DIM),
+    )
 
 
 @triton.jit
@@ -481,15 +501,18 @@ def _attention_backward_delta_kernel(
 
 @triton.jit
 def _backward_kv_block(
-    grad_k, grad_v, k, v, cols, start_m, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, head_seed, keep_scale,
+    grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m, q_ptr, grad_out_ptr, stats_ptr, delta_ptr,
+    mask_ptr, head_seed, keep_scale,
     stride_qm, stride_qd, stride_gm, stride_gd, stride_maskm, stride_maskn, stride_stats,
     seqlen_q, seqlen_k, scale_log2e, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SPLIT_D: tl.constexpr,
+    BLOCK_D_LO: tl.constexpr,
 ):
-    """dK and dV of the program's keys, summed over the query rows start_m + [0, BLOCK_M): updated."""
+    """dK and dV of the program's keys, summed over the query rows start_m + [0, BLOCK_M): updated.
+    SPLIT_D: the head dim's second piece in k_lo, v_lo, grad_k_lo, grad_v_lo (else passed through)."""
     rows = start_m + tl.arange(0, BLOCK_M)
     q_t = _load_rows(
         q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D, ROW_ALIGN, MASKED, True
@@ -497,6 +520,15 @@ def _backward_kv_block(
     grad_out = _load_rows(
         grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, MASKED, False
     )  # (BLOCK_M, BLOCK_DV)
+    q_lo_t, grad_out_lo = q_t, grad_out
+    if SPLIT_D:
+        q_lo_t = _load_rows(
+            q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, MASKED, True, BLOCK_D
+        )  # (BLOCK_D_LO, BLOCK_M)
+        grad_out_lo = _load_rows(
+            grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN, MASKED, False,
+            BLOCK_DV,
+        )  # (BLOCK_M, BLOCK_D_LO)
     if MASKED:
         row_max = tl.load(stats_ptr + rows, mask=rows < seqlen_q, other=0.0)
         log2_row_sum = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
@@ -506,6 +538,8 @@ def _backward_kv_block(
         log2_row_sum = tl.load(stats_ptr + stride_stats + rows)
         delta = tl.load(delta_ptr + rows)
     qk_t = dot(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+    if SPLIT_D:
+        qk_t = dot(k_lo, q_lo_t, qk_t, EXACT_FP32_DOTS, UPCAST_DOTS)
     if MASKED:
         logits_t = _logits_base2(
             qk_t, rows[None, :], cols[:, None], mask_ptr, stride_maskm, stride_maskn,
@@ -516,22 +550,28 @@ def _backward_kv_block(
         probs_t = tl.exp2(qk_t * scale_log2e - row_max[None, :] - log2_row_sum[None, :])
     # d(logits) = P * (dP - delta), dP = grad_out v^T times the dropout's keep / (1 - p).
     grad_probs_t = dot(v, tl.trans(grad_out), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+    if SPLIT_D:
+        grad_probs_t = dot(v_lo, tl.trans(grad_out_lo), grad_probs_t, EXACT_FP32_DOTS, UPCAST_DOTS)
     if HAS_DROPOUT:
         keep_t = _dropout_keep(head_seed, rows[None, :], cols[:, None], seqlen_k, dropout_p)
         kept_probs_t = tl.where(keep_t, probs_t * keep_scale, 0.0)
         grad_probs_t = tl.where(keep_t, grad_probs_t * keep_scale, 0.0)
     else:
         kept_probs_t = probs_t
-    grad_v = dot(rounded_to(kept_probs_t, grad_out_ptr, UPCAST_DOTS), grad_out, grad_v, EXACT_FP32_DOTS, UPCAST_DOTS)
-    grad_logits_t = probs_t * (grad_probs_t - delta[None, :])
-    grad_k = dot(rounded_to(grad_logits_t, q_ptr, UPCAST_DOTS), tl.trans(q_t), grad_k, EXACT_FP32_DOTS, UPCAST_DOTS)
-    return grad_k, grad_v
+    kept_probs_t = rounded_to(kept_probs_t, grad_out_ptr, UPCAST_DOTS)
+    grad_v = dot(kept_probs_t, grad_out, grad_v, EXACT_FP32_DOTS, UPCAST_DOTS)
+    grad_logits_t = rounded_to(probs_t * (grad_probs_t - delta[None, :]), q_ptr, UPCAST_DOTS)
+    grad_k = dot(grad_logits_t, tl.trans(q_t), grad_k, EXACT_FP32_DOTS, UPCAST_DOTS)
+    if SPLIT_D:
+        grad_v_lo = dot(kept_probs_t, grad_out_lo, grad_v_lo, EXACT_FP32_DOTS, UPCAST_DOTS)
+        grad_k_lo = dot(grad_logits_t, tl.trans(q_lo_t), grad_k_lo, EXACT_FP32_DOTS, UPCAST_DOTS)
+    return grad_k, grad_v, grad_k_lo, grad_v_lo
 
 
 @triton.autotune(
     configs=autotune_configs(BACKWARD_KV_CONFIGS, _INTERPRETER_BACKWARD_KV_CONFIG),
     key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _pruner(_BACKWARD_KV_TABLE)},
+    prune_configs_by={"early_config_prune": _pruner(_BACKWARD_KV_TABLE, split_as_padded=True)},
 )
 @triton.jit
 def _attention_backward_kv_kernel(
@@ -548,7 +588,7 @@ def _attention_backward_kv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK and dV of one block of BLOCK_N keys, summed over every query row; tiles are (keys, queries).
     The delta and statistics share one layout (``stride_stats_b``, ``stride_stats_h``)."""
@@ -592,63 +632,71 @@ def _attention_backward_kv_kernel(
 
     grad_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     grad_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    k_lo, v_lo, grad_k_lo, grad_v_lo = k, v, grad_k, grad_v  # passed through unless SPLIT_D
+    if SPLIT_D:
+        k_lo = _load_rows(k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, True, False, BLOCK_D)
+        v_lo = _load_rows(
+            v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN, True, False, BLOCK_DV
+        )
+        grad_k_lo = tl.zeros([BLOCK_N, BLOCK_D_LO], tl.float32)
+        grad_v_lo = tl.zeros([BLOCK_N, BLOCK_D_LO], tl.float32)
     if MASK_KIND == 0 and not IS_CAUSAL and not EXACT_FP32_DOTS:  # the lean body (see above)
         lean_end = seqlen_q // BLOCK_M * BLOCK_M  # the whole row blocks
         for start_m in range(0, lean_end, BLOCK_M):
-            grad_k, grad_v = _backward_kv_block(
-                grad_k, grad_v, k, v, cols, start_m, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
+            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
+                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
                 head_seed, keep_scale, stride_qm, stride_qd, stride_gm, stride_gd, stride_maskm, stride_maskn,
                 stride_stats, seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, False,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, False, SPLIT_D, BLOCK_D_LO,
             )
         if lean_end < seqlen_q:  # the last, partial row block
-            grad_k, grad_v = _backward_kv_block(
-                grad_k, grad_v, k, v, cols, lean_end, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
+            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
+                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, lean_end, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
                 head_seed, keep_scale, stride_qm, stride_qd, stride_gm, stride_gd, stride_maskm, stride_maskn,
                 stride_stats, seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
             )
     else:
         row_start = 0
         if IS_CAUSAL:
             row_start = (col_block * BLOCK_N // BLOCK_M) * BLOCK_M  # rows above the block's first key see none of it
         for start_m in range(row_start, seqlen_q, BLOCK_M):
-            grad_k, grad_v = _backward_kv_block(
-                grad_k, grad_v, k, v, cols, start_m, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
+            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
+                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
                 head_seed, keep_scale, stride_qm, stride_qd, stride_gm, stride_gd, stride_maskm, stride_maskn,
                 stride_stats, seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
             )
 
-    grad_k = grad_k * scale
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    tl.store(
-        grad_k_ptr + _offsets(cols, stride_dkn, ROW_ALIGN)[:, None] + offs_d[None, :] * stride_dkd,
-        rounded_to(grad_k, grad_k_ptr, UPCAST_DOTS),
-        mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
-    )
-    tl.store(
-        grad_v_ptr + _offsets(cols, stride_dvn, ROW_ALIGN)[:, None] + offs_dv[None, :] * stride_dvd,
-        rounded_to(grad_v, grad_v_ptr, UPCAST_DOTS),
-        mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V),
-    )
+    _store_rows(grad_k_ptr, cols, stride_dkn, seqlen_k, stride_dkd, grad_k * scale, HEAD_DIM, BLOCK_D, ROW_ALIGN, UPCAST_DOTS)
+    _store_rows(grad_v_ptr, cols, stride_dvn, seqlen_k, stride_dvd, grad_v, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, UPCAST_DOTS)
+    if SPLIT_D:
+        _store_rows(
+            grad_k_ptr, cols, stride_dkn, seqlen_k, stride_dkd, grad_k_lo * scale, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN,
+            UPCAST_DOTS, BLOCK_D,
+        )
+        _store_rows(
+            grad_v_ptr, cols, stride_dvn, seqlen_k, stride_dvd, grad_v_lo, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN,
+            UPCAST_DOTS, BLOCK_DV,
+        )
 
 
 @triton.jit
 def _backward_q_block(
-    grad_q, q, grad_out, row_max, log2_row_sum, delta, rows, start_n, k_ptr, v_ptr, mask_ptr, grad_bias_ptr,
+    grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n, k_ptr, v_ptr, mask_ptr, grad_bias_ptr,
     head_seed, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
     seqlen_q, seqlen_k, scale_log2e, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_NEEDS_GRAD: tl.constexpr,
     EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SPLIT_D: tl.constexpr,
+    BLOCK_D_LO: tl.constexpr,
 ):
-    """dQ of the program's query rows over the keys start_n + [0, BLOCK_N), and their bias gradient."""
+    """dQ of the program's query rows over the keys start_n + [0, BLOCK_N), and their bias gradient.
+    SPLIT_D: the head dim's second piece in q_lo, grad_out_lo, grad_q_lo (else passed through)."""
     cols = start_n + tl.arange(0, BLOCK_N)
     k_t = _load_rows(
         k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D, ROW_ALIGN, MASKED, True
@@ -657,6 +705,15 @@ def _backward_q_block(
         v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, MASKED, True
     )  # (BLOCK_DV, BLOCK_N)
     qk = dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+    k_lo_t = k_t
+    if SPLIT_D:
+        k_lo_t = _load_rows(
+            k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, MASKED, True, BLOCK_D
+        )  # (BLOCK_D_LO, BLOCK_N)
+        v_lo_t = _load_rows(
+            v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN, MASKED, True, BLOCK_DV
+        )  # (BLOCK_D_LO, BLOCK_N)
+        qk = dot(q_lo, k_lo_t, qk, EXACT_FP32_DOTS, UPCAST_DOTS)
     if MASKED:
         logits = _logits_base2(
             qk, rows[:, None], cols[None, :], mask_ptr, stride_maskm, stride_maskn,
@@ -666,6 +723,8 @@ def _backward_q_block(
     else:
         probs = tl.exp2(qk * scale_log2e - row_max[:, None] - log2_row_sum[:, None])
     grad_probs = dot(grad_out, v_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+    if SPLIT_D:
+        grad_probs = dot(grad_out_lo, v_lo_t, grad_probs, EXACT_FP32_DOTS, UPCAST_DOTS)
     if HAS_DROPOUT:
         keep = _dropout_keep(head_seed, rows[:, None], cols[None, :], seqlen_k, dropout_p)
         grad_probs = tl.where(keep, grad_probs * keep_scale, 0.0)
@@ -675,7 +734,11 @@ def _backward_q_block(
             grad_bias_ptr + rows[:, None] * seqlen_k + cols[None, :], grad_logits,
             mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k),
         )
-    return dot(rounded_to(grad_logits, k_ptr, UPCAST_DOTS), tl.trans(k_t), grad_q, EXACT_FP32_DOTS, UPCAST_DOTS)
+    grad_logits = rounded_to(grad_logits, k_ptr, UPCAST_DOTS)
+    grad_q = dot(grad_logits, tl.trans(k_t), grad_q, EXACT_FP32_DOTS, UPCAST_DOTS)
+    if SPLIT_D:
+        grad_q_lo = dot(grad_logits, tl.trans(k_lo_t), grad_q_lo, EXACT_FP32_DOTS, UPCAST_DOTS)
+    return grad_q, grad_q_lo
 
 
 @triton.autotune(
@@ -697,7 +760,7 @@ def _attention_backward_q_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_NEEDS_GRAD: tl.constexpr,
     EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one block of BLOCK_M query rows, and the bias gradient d(logits) of those rows."""
     n_row_blocks = tl.cdiv(seqlen_q, BLOCK_M)
@@ -743,44 +806,50 @@ def _attention_backward_q_kernel(
         keep_scale = 1.0 / (1.0 - dropout_p)
 
     grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    q_lo, grad_out_lo, grad_q_lo = q, grad_out, grad_q  # passed through unless SPLIT_D
+    if SPLIT_D:
+        q_lo = _load_rows(q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, True, False, BLOCK_D)
+        grad_out_lo = _load_rows(
+            grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN, True, False, BLOCK_DV
+        )
+        grad_q_lo = tl.zeros([BLOCK_M, BLOCK_D_LO], tl.float32)
     if MASK_KIND == 0 and not IS_CAUSAL and not EXACT_FP32_DOTS:  # the lean body (see above)
         lean_end = seqlen_k // BLOCK_N * BLOCK_N  # the whole blocks
         for start_n in range(0, lean_end, BLOCK_N):
-            grad_q = _backward_q_block(
-                grad_q, q, grad_out, row_max, log2_row_sum, delta, rows, start_n, k_ptr, v_ptr, mask_ptr,
+            grad_q, grad_q_lo = _backward_q_block(
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n, k_ptr, v_ptr, mask_ptr,
                 grad_bias_ptr, head_seed, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_maskm, stride_maskn, seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, BIAS_NEEDS_GRAD,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, False,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, False, SPLIT_D, BLOCK_D_LO,
             )
         if lean_end < seqlen_k:  # the last, partial block
-            grad_q = _backward_q_block(
-                grad_q, q, grad_out, row_max, log2_row_sum, delta, rows, lean_end, k_ptr, v_ptr, mask_ptr,
+            grad_q, grad_q_lo = _backward_q_block(
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, lean_end, k_ptr, v_ptr, mask_ptr,
                 grad_bias_ptr, head_seed, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_maskm, stride_maskn, seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, BIAS_NEEDS_GRAD,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
             )
     else:
         key_end = seqlen_k
         if IS_CAUSAL:
             key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)
         for start_n in range(0, key_end, BLOCK_N):
-            grad_q = _backward_q_block(
-                grad_q, q, grad_out, row_max, log2_row_sum, delta, rows, start_n, k_ptr, v_ptr, mask_ptr,
+            grad_q, grad_q_lo = _backward_q_block(
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n, k_ptr, v_ptr, mask_ptr,
                 grad_bias_ptr, head_seed, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_maskm, stride_maskn, seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, BIAS_NEEDS_GRAD,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
             )
 
-    grad_q = grad_q * scale
-    offs_d = tl.arange(0, BLOCK_D)
-    tl.store(
-        grad_q_ptr + _offsets(rows, stride_dqm, ROW_ALIGN)[:, None] + offs_d[None, :] * stride_dqd,
-        rounded_to(grad_q, grad_q_ptr, UPCAST_DOTS),
-        mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM),
-    )
+    _store_rows(grad_q_ptr, rows, stride_dqm, seqlen_q, stride_dqd, grad_q * scale, HEAD_DIM, BLOCK_D, ROW_ALIGN, UPCAST_DOTS)
+    if SPLIT_D:
+        _store_rows(
+            grad_q_ptr, rows, stride_dqm, seqlen_q, stride_dqd, grad_q_lo * scale, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN,
+            UPCAST_DOTS, BLOCK_D,
+        )
 
 
 @triton.jit
@@ -837,13 +906,13 @@ def _row_align(*tensors: torch.Tensor) -> int:
 
 
 def _head_dim_split(head_dim: int, head_dim_v: int, exact_fp32: bool) -> tuple[int, int] | None:
-    """(first piece, second piece) of the forward's head dim, or None to pad it to a power of two.
+    """(first piece, second piece) of the kernels' head dim, or None to pad it to a power of two.
 
     A head dim of 72-96 padded to 128 spends 25-44% of each q k^T and p v product on zeros; as
     64 + 16 (72, 80) or 64 + 32 (88, 96) the padding is 0-10%, for a second, smaller tensor-core
     product per dot. So: the largest power of two below it, then the rest rounded up to a power of
     two of at least 16 (a tensor core's depth), where that is less than the padded width. Only
-    with D = Dv (one split serves both dots) and tensor-core dots; the backward pads.
+    with D = Dv (one split serves both dots) and tensor-core dots; forward and backward alike.
     """
     if head_dim != head_dim_v or exact_fp32:
         return None
@@ -937,6 +1006,11 @@ def _launch_backward(
     """Fill ``delta``, ``grad_q``, ``grad_k``, ``grad_v`` (and ``grad_bias``) with the backward kernels."""
     constants = _kernel_constants(q, v, dropout_p, allow_tf32)
     constants["ROW_ALIGN"] = _row_align(q, k, v, out, grad_out, grad_q, grad_k, grad_v)
+    padded_dv = constants["BLOCK_DV"]  # the delta pre-pass reads whole rows
+    split = _head_dim_split(q.shape[-1], v.shape[-1], constants["EXACT_FP32_DOTS"])
+    if split is not None:
+        constants["BLOCK_D"] = constants["BLOCK_DV"] = split[0]
+    constants.update(SPLIT_D=split is not None, BLOCK_D_LO=split[1] if split else 16)
     mask_ptr, mask_strides, mask_kind = _mask_arguments(q, k, mask)
     seed = dropout_seed if dropout_seed is not None else stats  # unread without dropout
     stride_stats, stride_stats_b, stride_stats_h = layout.stats_strides(stats)
@@ -948,7 +1022,7 @@ def _launch_backward(
         attention_grid(delta_rows, delta_batch * layout.heads, _PREPASS_BLOCK_M)
     ](
         out, grad_out, delta, *layout.strides(out), *layout.strides(grad_out), layout.heads, delta_rows,
-        HEAD_DIM_V=v.shape[-1], BLOCK_DV=constants["BLOCK_DV"], ROW_ALIGN=constants["ROW_ALIGN"],
+        HEAD_DIM_V=v.shape[-1], BLOCK_DV=padded_dv, ROW_ALIGN=constants["ROW_ALIGN"],
         BLOCK_M=_PREPASS_BLOCK_M,
     )
 

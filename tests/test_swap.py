@@ -96,6 +96,10 @@ CASES = {
     ),
     "timm_qk_norm": Case(lambda: _timm("vit_tiny_patch16_224", qk_norm=True), TIMM_REPLACED),
     "timm_no_embed_class": Case(lambda: _timm("vit_tiny_patch16_224", no_embed_class=True), TIMM_REPLACED),
+    # Register tokens: the projection and the patches' positions in the kernel, the prefix concatenated.
+    "timm_reg_tokens": Case(lambda: _timm("vit_tiny_patch16_224", reg_tokens=2), TIMM_REPLACED),
+    "timm_embed_norm": Case(lambda: _timm("vit_tiny_patch16_224", embed_norm_layer="layernorm", reg_tokens=1), TIMM_REPLACED),
+    "timm_reg_tokens_no_embed_class": Case(lambda: _timm("vit_tiny_patch16_224", reg_tokens=2, no_embed_class=True), TIMM_REPLACED),
     "torchvision_vit_b_16": Case(
         _torchvision,
         ["", "encoder.layers.encoder_layer_0.self_attention", "encoder.layers.encoder_layer_1.self_attention"],
@@ -288,9 +292,7 @@ def test_attention_false_leaves_attention_alone():
 @pytest.mark.parametrize(
     "options, reason",
     [
-        ({"reg_tokens": 2}, "reg_tokens=2: register tokens sit between the class token and the patches"),
         ({"dynamic_img_size": True}, "dynamic_img_size=True"),
-        ({"embed_norm_layer": "layernorm"}, "embed_norm_layer"),
     ],
 )
 def test_timm_patch_embedding_it_cannot_fuse_exactly_is_left_alone(options, reason, kernel_calls):
@@ -319,9 +321,9 @@ def test_timm_attention_mirrors_the_forward_signature():
     pytest.importorskip("timm")
     from timm.layers.attention import Attention
 
-    from kernels.swap import _timm_attention_forward
+    from kernels.swap_forwards import timm_attention_forward
 
-    assert list(inspect.signature(Attention.forward).parameters) == list(inspect.signature(_timm_attention_forward).parameters)
+    assert list(inspect.signature(Attention.forward).parameters) == list(inspect.signature(timm_attention_forward).parameters)
 
 
 @pytest.mark.parametrize("mask_kind", ["bool", "float", "causal"])
@@ -393,22 +395,66 @@ def test_multihead_attention_self_attention_goes_through_the_kernel(batch_first,
     assert_close_to_reference(actual, reference64, reference_low)
 
 
-def test_multihead_attention_other_calls_run_the_original(kernel_calls):
+def test_multihead_attention_calls_that_want_weights_run_the_original(kernel_calls):
     torch.manual_seed(0)
     attention = nn.MultiheadAttention(WIDTH, HEADS, batch_first=True).to(DEVICE).eval()
     original = copy.deepcopy(attention)
-    x, y = torch.randn(2, BATCH, 5, WIDTH, device=DEVICE)
-    mask = (torch.rand(5, 5, device=DEVICE) > 0.5).fill_diagonal_(False)  # True = may NOT attend, here
+    x = torch.randn(BATCH, 5, WIDTH, device=DEVICE)
     swap(attention)
     with torch.no_grad():
         for args, kwargs in [
             ((x, x, x), {}),  # need_weights=True by default: the weights come back
-            ((x, x, x), {"need_weights": False, "attn_mask": mask}),
-            ((x, y, y), {"need_weights": False}),  # cross-attention
+            ((x[0], x[0], x[0]), {"need_weights": False}),  # unbatched
         ]:
             for got, want in zip(attention(*args, **kwargs), original(*args, **kwargs)):
                 assert (got is None and want is None) or torch.equal(got, want)
     assert kernel_calls == {}
+
+
+@pytest.mark.parametrize("call", ["attn_mask_bool", "attn_mask_float_3d", "key_padding_mask", "both", "cross", "causal"])
+def test_multihead_attention_masks_and_cross_attention_go_through_the_kernel(call, kernel_calls):
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(WIDTH, HEADS, batch_first=False).to(DEVICE).eval()
+    x, y = torch.randn(5, BATCH, WIDTH, device=DEVICE), torch.randn(7, BATCH, WIDTH, device=DEVICE)
+    key = y if call == "cross" else x
+    n_k = key.shape[0]
+    bool_mask = (torch.rand(5, n_k, device=DEVICE) > 0.5).fill_diagonal_(False)  # True = may NOT attend, here
+    padding = torch.tensor([[False] * n_k, [False] * (n_k - 2) + [True] * 2], device=DEVICE)
+    kwargs = {
+        "attn_mask_bool": {"attn_mask": bool_mask},
+        "attn_mask_float_3d": {"attn_mask": torch.randn(BATCH * HEADS, 5, n_k, device=DEVICE)},
+        "key_padding_mask": {"key_padding_mask": padding},
+        "both": {"attn_mask": bool_mask, "key_padding_mask": padding},
+        "cross": {},
+        "causal": {"attn_mask": nn.Transformer.generate_square_subsequent_mask(5, device=DEVICE), "is_causal": True},
+    }[call]
+    with torch.no_grad():
+        as64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+        reference64, _ = copy.deepcopy(attention).double()(x.double(), key.double(), key.double(), need_weights=False, **as64)
+        reference_low, _ = attention(x, key, key, need_weights=False, **kwargs)
+        swap(attention)
+        with kernels.use_backend("einsum"):
+            actual, weights = attention(x, key, key, need_weights=False, **kwargs)
+    assert weights is None and kernel_calls == {"attention": 1}
+    assert_close_to_reference(actual, reference64, reference_low)
+
+
+def test_transformer_encoder_layer_fast_path_runs_our_kernel(kernel_calls):
+    """In eval under no_grad PyTorch's fused fast path would skip self_attn; swapped, it does not."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(WIDTH, HEADS, 2 * WIDTH, dropout=0.0, batch_first=True).to(DEVICE).eval()
+    x = torch.randn(BATCH, 5, WIDTH, device=DEVICE)
+    with torch.no_grad():
+        reference64 = copy.deepcopy(layer).double()(x.double())
+        reference_low = layer(x)
+        report = swap(layer)
+        assert [(e.path, e.kind) for e in report.replaced] == [("self_attn", "torch TransformerEncoderLayer")]
+        with kernels.use_backend("einsum"):
+            actual = layer(x)
+    assert kernel_calls == {"attention": 1}
+    assert_close_to_reference(actual, reference64, reference_low)
+    report.undo()
+    assert "activation_relu_or_gelu" not in layer.__dict__ or layer.activation_relu_or_gelu
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,7 +500,7 @@ def test_transformers_interpolated_positions_run_the_original_embeddings(kernel_
 
 
 def test_transformers_attention_rejects_what_it_cannot_compute():
-    from kernels.swap import transformers_attention
+    from kernels.swap_forwards import transformers_attention
 
     q = torch.randn(1, 2, 3, 4)
     with pytest.raises(ValueError, match="expected no softcap, got one"):
@@ -538,7 +584,7 @@ def test_transformers_attention_grouped_query_heads_match_sdpa(is_causal):
     pytest.importorskip("transformers")
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from kernels.swap import transformers_attention
+    from kernels.swap_forwards import transformers_attention
 
     module = nn.Module()
     module.is_causal, module.num_key_value_groups = is_causal, 3

@@ -95,3 +95,144 @@ def test_qwen_vision_towers_run_varlen_with_equal_outputs_and_gradients(build, m
 
     assert set(report.undo()) == set(layers)
     assert all("forward" not in model.get_submodule(path).__dict__ for path in layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixtral: the block-diagonal mask over the packed images becomes one varlen call per layer.
+
+
+def pixtral():
+    from transformers import PixtralVisionConfig, PixtralVisionModel
+
+    config = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 head_dim=16, image_size=64, patch_size=8)
+    return PixtralVisionModel._from_config(config, attn_implementation="sdpa")
+
+
+def _pixtral_inputs():
+    # Three images padded into one batch tensor; image_sizes keeps each one's own size.
+    pixels = torch.randn(3, 3, 48, 64, dtype=f64, generator=torch.Generator().manual_seed(1))
+    return pixels, torch.tensor([[48, 64], [16, 40], [32, 24]])
+
+
+def test_pixtral_block_mask_becomes_varlen_with_equal_outputs_and_gradients(monkeypatch):
+    torch.manual_seed(0)
+    model = pixtral().to(f64)
+    pixels, sizes = _pixtral_inputs()
+    expected = model(pixels, image_sizes=sizes).last_hidden_state
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    report = kernels.swap(model)
+    layers = [path for path, module in model.named_modules() if type(module).__name__ == "PixtralAttention"]
+    assert [e.path for e in report.replaced] == ["", *layers] and len(layers) == 2
+    assert all("attention_varlen" in e.note for e in report.replaced[1:])
+
+    calls = []
+    varlen, attention = dispatch.attention_varlen, dispatch.attention
+    monkeypatch.setattr(dispatch, "attention_varlen", lambda *a, **kw: calls.append("varlen") or varlen(*a, **kw))
+    monkeypatch.setattr(dispatch, "attention", lambda *a, **kw: calls.append("attention") or attention(*a, **kw))
+    with kernels.use_backend("einsum"):
+        actual = model(pixels, image_sizes=sizes).last_hidden_state
+    assert calls == ["varlen"] * len(layers)  # no (N, N) mask, one call per layer
+    torch.testing.assert_close(actual, expected)
+    actual.backward(grad)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[name], msg=name)
+
+    assert set(report.undo()) == {"", *layers}
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_pixtral_output_attentions_runs_the_original_with_its_mask():
+    torch.manual_seed(0)
+    model = pixtral().to(f64)
+    model.set_attn_implementation("eager")
+    pixels, sizes = _pixtral_inputs()
+    expected = model(pixels, image_sizes=sizes, output_attentions=True)
+    kernels.swap(model)  # switches nothing model-wide: Pixtral's attention is patched per layer
+    actual = model(pixels, image_sizes=sizes, output_attentions=True)
+    assert len(actual.attentions) == 2
+    for got, want in zip(actual.attentions, expected.attentions):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm NaFlexViT: images of different sizes padded into one batch, a key-padding mask.
+
+
+@pytest.mark.parametrize("key_only", [False, True], ids=["symmetric_mask", "key_only_mask"])
+def test_naflexvit_padding_mask_runs_on_our_kernel(key_only, monkeypatch):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, num_classes=10, embed_dim=32, depth=2,
+                              num_heads=2, use_key_only_attn_mask=key_only).to(f64)
+    n = 6  # a 2x3 grid of 16-px patches; the second image has 4 of them, then 2 of padding
+    coord = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij"), -1).reshape(1, n, 2).expand(2, -1, -1)
+    inputs = {"patches": torch.randn(2, n, 16 * 16 * 3, dtype=f64), "patch_coord": coord,
+              "patch_valid": torch.tensor([[True] * 6, [True] * 4 + [False] * 2])}
+    expected = model(dict(inputs))
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    report = kernels.swap(model)
+    blocks = [f"blocks.{i}.attn" for i in range(2)]
+    assert blocks == [e.path for e in report.replaced if e.path.startswith("blocks")]
+    masks = []
+    attention = dispatch.attention
+    monkeypatch.setattr(dispatch, "attention", lambda q, k, v, mask=None, **kw: masks.append(mask) or attention(q, k, v, mask, **kw))
+    with kernels.use_backend("einsum"):
+        actual = model(dict(inputs))
+    assert len(masks) == 2 and all(m is not None for m in masks)  # the padding mask reached our kernel
+    torch.testing.assert_close(actual, expected)
+    actual.backward(grad)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[name], msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same towers through the Triton varlen kernels (Triton's interpreter on a CPU).
+
+
+@pytest.mark.parametrize("build, inputs", [
+    (qwen2_5_vl, lambda: (torch.randn(int(GRID.prod(-1).sum()), 3 * TEMPORAL * PATCH * PATCH, dtype=f64),)),
+    (pixtral, _pixtral_inputs),
+])
+def test_towers_on_the_triton_varlen_kernels_equal_their_own_sdpa_path(build, inputs):
+    """Qwen2.5-VL (window and full layers) and Pixtral, swapped, in float32 on the Triton path: the
+    output and every parameter gradient against the unswapped tower in float64."""
+    torch.manual_seed(0)
+    model64 = build().to(f64)
+    args = inputs()
+
+    def run(model, dtype):
+        pixels = args[0].to(dtype)
+        if build is pixtral:
+            return model(pixels, image_sizes=args[1]).last_hidden_state
+        return _output(model, pixels)
+
+    expected = run(model64, f64)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    model32 = build().float()
+    model32.load_state_dict(model64.state_dict())
+    kernels.swap(model32)
+    calls = []
+    varlen = dispatch.attention_varlen
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dispatch, "attention_varlen", lambda *a, **kw: calls.append(kw.get("backend")) or varlen(*a, **kw))
+        with kernels.use_backend("triton"):
+            actual = run(model32, torch.float32)
+            actual.backward(grad.float())
+    assert len(calls) == 2  # one per layer, on the Triton path (use_backend)
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-4)
+    for (name, p32), p64 in zip(model32.named_parameters(), model64.parameters()):
+        if p64.grad is None:
+            assert p32.grad is None, name
+        else:
+            torch.testing.assert_close(p32.grad.double(), p64.grad, rtol=1e-3, atol=1e-4, msg=name)

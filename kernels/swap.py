@@ -192,8 +192,8 @@ def _written(library, module_name, class_name, forward, runs) -> SwapTarget:
     )
 
 
-def _left_out(library, module_name, class_name, why) -> SwapTarget:
-    return SwapTarget(library, module_name, class_name, "attention", f"left alone: {why}", left_out=why)
+def _left_out(library, module_name, class_name, why, part="attention") -> SwapTarget:
+    return SwapTarget(library, module_name, class_name, part, f"left alone: {why}", left_out=why)
 
 
 def _vit_already(site: Site) -> str | None:
@@ -276,6 +276,10 @@ TARGETS: tuple[SwapTarget, ...] = (
     _left_out("timm", "timm.models.convit", "GPSA", "gated positional self-attention: a gated sum of two softmaxes"),
     _left_out("timm", "timm.models.efficientvit_mit", "LiteMLA", "EfficientViT-B: ReLU linear attention, no softmax"),
     _left_out("timm", "timm.layers.diff_attention", "DiffAttention", "differential attention: the difference of two softmaxes"),
+    _left_out("timm", "timm.models.naflexvit", "NaFlexEmbeds",
+              "NaFlexViT's embedding takes pre-patchified tokens of any count with per-token grid coordinates and "
+              "resamples its position embedding per image; kernels.patch_embed takes whole images of one size",
+              part="patch_embed"),
     # torch and torchvision.
     SwapTarget(
         "torch", "torch.nn", "TransformerEncoderLayer", "attention",

@@ -183,6 +183,8 @@ def test_naflexvit_padding_mask_runs_on_our_kernel(key_only, monkeypatch):
     report = kernels.swap(model)
     blocks = [f"blocks.{i}.attn" for i in range(2)]
     assert blocks == [e.path for e in report.replaced if e.path.startswith("blocks")]
+    embeds = [e for e in report.left_alone if e.kind == "timm NaFlexEmbeds"]
+    assert len(embeds) == 1 and "pre-patchified tokens" in embeds[0].note  # said why, in one line
     masks = []
     attention = dispatch.attention
     monkeypatch.setattr(dispatch, "attention", lambda q, k, v, mask=None, **kw: masks.append(mask) or attention(q, k, v, mask, **kw))

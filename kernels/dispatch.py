@@ -371,10 +371,11 @@ def patch_embed(
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Images (B, C, H, W) to tokens (B, [1+]N, D) with a Conv2d-layout weight (D, C, P, P).
+    """Images (B, C, H, W) to tokens (B, [T+]N, D) with a Conv2d-layout weight (D, C, P, P).
 
-    ``bias`` (D,), ``cls_token`` (1, 1, D) prepended, ``pos_embed`` (1, [1+]N, D) added, each
-    optional. H and W must be multiples of the patch size P, read from the weight.
+    ``bias`` (D,), ``cls_token`` (1, T, D) prepended (T prefix tokens: class, registers,
+    distillation), ``pos_embed`` (1, [T+]N, D) added, each optional. H and W must be multiples of
+    the patch size P, read from the weight.
     """
     op = "patch_embed"
     named = {"images": images, "weight": weight, "bias": bias, "cls_token": cls_token, "pos_embed": pos_embed}
@@ -400,14 +401,19 @@ def patch_embed(
     n_patches = (height // patch) * (width // patch)
     if bias is not None and tuple(bias.shape) != (dim,):
         raise ValueError(f"{op}: expected bias of shape ({dim},), got {tuple(bias.shape)}")
-    if cls_token is not None and tuple(cls_token.shape) != (1, 1, dim):
-        raise ValueError(f"{op}: expected cls_token of shape (1, 1, {dim}), got {tuple(cls_token.shape)}")
+    if cls_token is not None and (cls_token.dim() != 3 or cls_token.shape[0] != 1 or cls_token.shape[1] < 1
+                                  or cls_token.shape[2] != dim):
+        raise ValueError(
+            f"{op}: expected cls_token of shape (1, T, {dim}), T >= 1 prefix tokens (class, registers, "
+            f"distillation), got {tuple(cls_token.shape)}"
+        )
     if pos_embed is not None:
-        n_tokens = n_patches + (cls_token is not None)
+        n_prefix = 0 if cls_token is None else cls_token.shape[1]
+        n_tokens = n_patches + n_prefix
         if tuple(pos_embed.shape) != (1, n_tokens, dim):
             raise ValueError(
                 f"{op}: expected pos_embed of shape (1, {n_tokens}, {dim}) for a {height}x{width} image "
-                f"with patch {patch}{' and a class token' if cls_token is not None else ''}, got {tuple(pos_embed.shape)}"
+                f"with patch {patch}{f' and {n_prefix} prefix token(s)' if n_prefix else ''}, got {tuple(pos_embed.shape)}"
             )
     if pick_backend(backend, op, list(present.values())) == "einsum":
         return reference.patch_embed_reference(images, weight, bias, cls_token, pos_embed)

@@ -1,4 +1,4 @@
-"""Triton patch projection: images (B, C, H, W) to tokens (B, [1+]N, D) in one GEMM launch.
+"""Triton patch projection: images (B, C, H, W) to tokens (B, [T+]N, D) in one GEMM launch.
 
 A ViT's patch embedding is a stride-P Conv2d, which is a GEMM once the image is cut into patches:
 
@@ -120,14 +120,15 @@ def _patch_embed_forward_kernel(
     n_rows, dim, n_patches, patches_per_row,
     stride_ib, stride_ic, stride_ih, stride_iw,
     stride_wd, stride_wc, stride_wh, stride_ww,
-    stride_bias, stride_cls, stride_pos_n, stride_pos_d,
+    stride_bias, stride_cls_n, stride_cls_d, stride_pos_n, stride_pos_d,
     stride_tb, stride_tn, stride_td,
     CHANNELS: tl.constexpr, PATCH: tl.constexpr, CHANNELS_INNER: tl.constexpr, WEIGHT_RUNS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, N_PREFIX: tl.constexpr, HAS_POS: tl.constexpr,
     IEEE_FP32: tl.constexpr, INTERPRETING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """tokens[b, [1+]n, :] = patches[b*N + n] @ weight^T + bias + pos_embed[[1+]n]; and row 0 = cls + pos_embed[0]."""
+    """tokens[b, T + n, :] = patches[b*N + n] @ weight^T + bias + pos_embed[T + n]; and rows t < T, the
+    N_PREFIX = T prefix tokens (class, registers, distillation), = cls[t] + pos_embed[t]."""
     K = CHANNELS * PATCH * PATCH
     # Consecutive programs share a row tile (its image pixels stay in L2 across the D tiles).
     n_dim_tiles = tl.cdiv(dim, BLOCK_D)
@@ -158,9 +159,7 @@ def _patch_embed_forward_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    token_row = patch  # (BLOCK_M,) row of the output (and of pos_embed) that patch n goes to
-    if HAS_CLS:
-        token_row = patch + 1
+    token_row = patch + N_PREFIX  # (BLOCK_M,) row of the output (and of pos_embed) that patch n goes to
     if HAS_POS:
         acc += tl.load(
             pos_ptr + token_row[:, None] * stride_pos_n + cols[None, :] * stride_pos_d,
@@ -174,17 +173,17 @@ def _patch_embed_forward_kernel(
         mask=row_ok[:, None] & col_ok[None, :],
     )
 
-    if HAS_CLS:
-        # Row 0 of image b: written by the one program per D tile whose rows hold b's first patch
-        # (n == 0), as a masked store of the same tile shape: no extra launch, no serial loop.
-        cls = tl.load(cls_ptr + cols * stride_cls, mask=col_ok, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    # Rows 0 .. T-1 of image b: written by the one program per D tile whose rows hold b's first
+    # patch (n == 0), as masked stores of the same tile shape: no extra launch.
+    first_patch = row_ok & (patch == 0)
+    for t in tl.static_range(N_PREFIX):
+        prefix = tl.load(cls_ptr + t * stride_cls_n + cols * stride_cls_d, mask=col_ok, other=0.0).to(tl.float32)
         if HAS_POS:
-            cls += tl.load(pos_ptr + cols * stride_pos_d, mask=col_ok, other=0.0).to(tl.float32)
-        first_patch = row_ok & (patch == 0)
-        cls_rows = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32) + cls[None, :]
+            prefix += tl.load(pos_ptr + t * stride_pos_n + cols * stride_pos_d, mask=col_ok, other=0.0).to(tl.float32)
+        prefix_rows = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32) + prefix[None, :]
         tl.store(
-            tokens_ptr + image_base[:, None] + cols[None, :] * stride_td,
-            rounded_to(cls_rows, tokens_ptr, INTERPRETING),
+            tokens_ptr + image_base[:, None] + t * stride_tn + cols[None, :] * stride_td,
+            rounded_to(prefix_rows, tokens_ptr, INTERPRETING),
             mask=first_patch[:, None] & col_ok[None, :],
         )
 
@@ -318,12 +317,12 @@ def patch_embed_forward(
     cls_token: torch.Tensor | None,
     pos_embed: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Images (B, C, H, W), weight (D, C, P, P) -> tokens (B, [1+]N, D): see patch_embed_triton."""
+    """Images (B, C, H, W), weight (D, C, P, P) -> tokens (B, [T+]N, D): see patch_embed_triton."""
     batch, channels, patch, per_row, n_patches, n_rows, dim = _sizes(images, weight)
     if n_rows * dim == 0:  # an empty batch, an image with no patch or D = 0: nothing to project, no launch
         return reference.patch_embed_reference(images, weight, bias, cls_token, pos_embed)
-    has_cls = cls_token is not None
-    tokens = images.new_empty((batch, n_patches + has_cls, dim))  # (B, [1+]N, D)
+    n_prefix = 0 if cls_token is None else cls_token.shape[1]
+    tokens = images.new_empty((batch, n_prefix + n_patches, dim))  # (B, T + N, D)
     # Absent optional tensors: any pointer will do, their constexpr flag keeps it from being read.
     bias_ptr = bias if bias is not None else tokens
     cls_ptr = cls_token if cls_token is not None else tokens
@@ -338,12 +337,12 @@ def patch_embed_forward(
         *images.stride(),
         *weight.stride(),
         bias.stride(0) if bias is not None else 0,
-        cls_token.stride(2) if cls_token is not None else 0,
+        *(cls_token.stride()[1:] if cls_token is not None else (0, 0)),
         pos_embed.stride(1) if pos_embed is not None else 0,
         pos_embed.stride(2) if pos_embed is not None else 0,
         *tokens.stride(),
         CHANNELS=channels, PATCH=patch, CHANNELS_INNER=_channels_inner(images), WEIGHT_RUNS=_fused_runs(weight),
-        HAS_BIAS=bias is not None, HAS_CLS=has_cls, HAS_POS=pos_embed is not None,
+        HAS_BIAS=bias is not None, N_PREFIX=n_prefix, HAS_POS=pos_embed is not None,
         IEEE_FP32=_ieee_fp32(images.dtype), INTERPRETING=INTERPRETING,
     )
     return tokens
@@ -435,14 +434,14 @@ def patch_embed_grad_images(patch_grads: torch.Tensor, images: torch.Tensor, wei
 def _setup_context(ctx, inputs, output):
     images, weight, _, cls_token, _ = inputs
     ctx.save_for_backward(images, weight)
-    ctx.has_cls = cls_token is not None
+    ctx.n_prefix = 0 if cls_token is None else cls_token.shape[1]
 
 
 def _backward(ctx, grad_tokens):
-    """Each input's gradient, computed only when autograd asks for it. grad_tokens (B, [1+]N, D)."""
+    """Each input's gradient, computed only when autograd asks for it. grad_tokens (B, [T+]N, D)."""
     images, weight = ctx.saved_tensors
     needs_images, needs_weight, needs_bias, needs_cls, needs_pos = ctx.needs_input_grad
-    patch_grads = grad_tokens[:, 1:] if ctx.has_cls else grad_tokens  # (B, N, D), a view
+    patch_grads = grad_tokens[:, ctx.n_prefix:]  # (B, N, D), a view
     grad_images = grad_weight = grad_bias = grad_cls = grad_pos = None
     if needs_images:
         grad_images = patch_embed_grad_images(patch_grads, images, weight)
@@ -452,9 +451,9 @@ def _backward(ctx, grad_tokens):
     if needs_bias:
         grad_bias = patch_grads.sum(dim=(0, 1), dtype=torch.float32).to(grad_tokens.dtype)  # (D,)
     if needs_cls:
-        grad_cls = grad_tokens[:, :1].sum(dim=0, keepdim=True, dtype=torch.float32).to(grad_tokens.dtype)  # (1, 1, D)
+        grad_cls = grad_tokens[:, :ctx.n_prefix].sum(dim=0, keepdim=True, dtype=torch.float32).to(grad_tokens.dtype)  # (1, T, D)
     if needs_pos:
-        grad_pos = grad_tokens.sum(dim=0, keepdim=True, dtype=torch.float32).to(grad_tokens.dtype)  # (1, [1+]N, D)
+        grad_pos = grad_tokens.sum(dim=0, keepdim=True, dtype=torch.float32).to(grad_tokens.dtype)  # (1, [T+]N, D)
     return grad_images, grad_weight, grad_bias, grad_cls, grad_pos
 
 
@@ -483,11 +482,11 @@ def patch_embed_triton(
     cls_token: torch.Tensor | None = None,
     pos_embed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Images (B, C, H, W) to tokens (B, [1+]N, D), equal to ``reference.patch_embed_reference``.
+    """Images (B, C, H, W) to tokens (B, [T+]N, D), equal to ``reference.patch_embed_reference``.
 
     ``weight`` (D, C, P, P) in Conv2d layout with any strides (vit's Linear weight (D, P*P*C)
     passes ``weight.view(D, P, P, C).permute(0, 3, 1, 2)``); ``bias`` (D,), ``cls_token``
-    (1, 1, D) and ``pos_embed`` (1, [1+]N, D) optional. Patches in row-major (h w) order.
+    (1, T, D) and ``pos_embed`` (1, [T+]N, D) optional. Patches in row-major (h w) order.
     Inputs are checked by ``kernels.dispatch.patch_embed``, which calls this.
     """
     return patch_embed_forward(images, weight, bias, cls_token, pos_embed)

@@ -435,8 +435,8 @@ def patch_embed_reference(
     """Image to tokens: images (B, C, H, W), weight (D, C, P, P) in Conv2d layout.
 
     Cut the image into P x P patches, project each patch with the weight (the same sum a
-    stride-P Conv2d computes), prepend the class token (1, 1, D) and add the position
-    embedding (1, [1+]N, D) out of place, broadcasting over the batch. Returns (B, [1+]N, D).
+    stride-P Conv2d computes), prepend the class token(s) (1, T, D) and add the position
+    embedding (1, [T+]N, D) out of place, broadcasting over the batch. Returns (B, [T+]N, D).
     """
     p = weight.shape[-1]
     patches = rearrange(images, "b c (h s1) (w s2) -> b (h w) c s1 s2", s1=p, s2=p)

@@ -217,7 +217,7 @@ TARGETS: tuple[SwapTarget, ...] = (
     # timm: the ViT's patch embedding with its prefix tokens and positions, then the attentions.
     SwapTarget(
         "timm", TIMM_VIT, "VisionTransformer", "patch_embed",
-        f"{PATCH_EMBED_DONE} (class token and positions in the call; with register or distillation tokens or "
+        f"{PATCH_EMBED_DONE} (prefix tokens (class, distillation, registers) and positions in the call; with "
         "a norm after the projection, the projection, then the rest as timm's), and _pos_embed keeps only pos_drop",
         fw.timm_vit_patch_embed_problem, fw.timm_vit_patch_embed_patch, at="patch_embed", claims=("patch_embed",),
         label="timm PatchEmbed + cls_token + pos_embed",

@@ -281,22 +281,18 @@ def timm_vit_patch_embed_forward(vit: nn.Module, x: torch.Tensor) -> torch.Tenso
     n_prefix = 0 if prefix is None else prefix.shape[1]
     weight, bias = patch_embed.proj.weight, patch_embed.proj.bias
     plain = isinstance(patch_embed.norm, nn.Identity)
-    if n_prefix <= 1 and plain:  # one kernel call: projection, class token, positions
+    if plain:  # one kernel call: projection, prefix tokens (class, distillation, registers), positions
         if pos_embed is not None and vit.no_embed_class and prefix is not None:
-            # no_embed_class: timm adds the positions to the patches only, then prepends the class
-            # token. A zero row for it is the same sum, exactly (c + 0 == c).
-            pos_embed = torch.cat([pos_embed.new_zeros(1, 1, pos_embed.shape[-1]), pos_embed], dim=1)
+            # no_embed_class: timm adds the positions to the patches only, then prepends the prefix
+            # tokens. A zero row for each is the same sum, exactly (c + 0 == c).
+            pos_embed = torch.cat([pos_embed.new_zeros(1, n_prefix, pos_embed.shape[-1]), pos_embed], dim=1)
         return dispatch.patch_embed(x, weight, bias, prefix, pos_embed)
-    # Several prefix tokens (class + registers or distillation; kernels.patch_embed prepends one),
-    # or a norm between the projection and the prefix (embed_norm_layer): the kernel projects the
-    # patches (and adds their positions when nothing comes between), the rest is timm's, in order.
+    # A norm between the projection and the prefix (embed_norm_layer): the kernel projects the
+    # patches, the rest is timm's, in order.
     if pos_embed is not None and not vit.no_embed_class and n_prefix:
         prefix, pos_embed = prefix + pos_embed[:, :n_prefix], pos_embed[:, n_prefix:]
-    if plain:
-        patches = dispatch.patch_embed(x, weight, bias, None, pos_embed)  # (B, N, D)
-    else:
-        patches = patch_embed.norm(dispatch.patch_embed(x, weight, bias))  # (B, N, D)
-        patches = patches if pos_embed is None else patches + pos_embed
+    patches = patch_embed.norm(dispatch.patch_embed(x, weight, bias))  # (B, N, D)
+    patches = patches if pos_embed is None else patches + pos_embed
     return patches if prefix is None else torch.cat([prefix.expand(B, -1, -1), patches], dim=1)  # (B, T + N, D)
 
 

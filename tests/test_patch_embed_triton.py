@@ -36,7 +36,7 @@ def make_inputs(
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(DEVICE, dtype)
 
-    n_tokens = (height // patch) * (width // patch) + cls
+    n_tokens = (height // patch) * (width // patch) + int(cls)  # cls: a bool, or the number of prefix tokens
     images = randn(batch, channels, height, width)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -44,7 +44,7 @@ def make_inputs(
         "images": images,
         "weight": randn(dim, channels, patch, patch, scale=(channels * patch * patch) ** -0.5),
         "bias": randn(dim, scale=0.5) if bias else None,
-        "cls_token": randn(1, 1, dim) if cls else None,
+        "cls_token": randn(1, int(cls), dim) if cls else None,
         "pos_embed": randn(1, n_tokens, dim, scale=0.5) if pos else None,
     }
 
@@ -91,6 +91,10 @@ CASES = [
     pytest.param(2, 3, 48, 32, 16, 32, bf16, False, True, True, True, id="bf16-C3-P16-tall-channels_last"),
     pytest.param(3, 1, 14, 14, 14, 32, f32, False, False, False, False, id="f32-C1-P14-one-patch-bare"),
     pytest.param(3, 3, 40, 56, 8, 32, f16, True, True, True, False, id="f16-C3-P8-N35-rows-across-tiles"),
+    # Several prefix tokens: a class token and 4 registers (DINOv2-reg), class + distillation (DeiT).
+    pytest.param(3, 3, 40, 56, 8, 32, bf16, True, 5, True, False, id="bf16-C3-P8-5-prefix-tokens"),
+    pytest.param(2, 3, 32, 48, 16, 48, f32, False, 2, True, True, id="f32-C3-P16-2-prefix-tokens-channels_last"),
+    pytest.param(2, 3, 32, 32, 16, 48, f16, True, 3, False, False, id="f16-C3-P16-3-prefix-tokens-no-pos"),
     pytest.param(8, 3, 224, 224, 16, 768, f32, True, True, True, False, id="vit-b16-f32", marks=needs_gpu),
     pytest.param(8, 3, 224, 224, 16, 768, f16, True, True, True, True, id="vit-b16-f16-channels_last", marks=needs_gpu),
     pytest.param(8, 3, 224, 224, 16, 768, bf16, True, True, True, False, id="vit-b16-bf16", marks=needs_gpu),
@@ -105,7 +109,7 @@ def test_tokens_and_gradients_match_reference(batch, channels, height, width, pa
         batch, channels, height, width, patch, dim, dtype, bias=bias, cls=cls, pos=pos, channels_last=channels_last
     )
     tokens, ours = check_against_reference(inputs)
-    assert tokens.shape == (batch, (height // patch) * (width // patch) + cls, dim)
+    assert tokens.shape == (batch, (height // patch) * (width // patch) + int(cls), dim)
     if channels_last:  # grad_images comes back in the images' own layout
         assert ours["images"].grad.is_contiguous(memory_format=torch.channels_last)
 

@@ -243,7 +243,7 @@ def test_sdpa_drop_in_gqa():
         ({"images": torch.zeros(3, 32, 32)}, r"images of shape \(B, C, H, W\)"),
         ({"bias": torch.zeros(7)}, r"bias of shape \(8,\)"),
         ({"pos_embed": torch.zeros(1, 4, 8)}, r"pos_embed of shape \(1, 5, 8\)"),
-        ({"cls_token": torch.zeros(1, 8)}, r"cls_token of shape \(1, 1, 8\)"),
+        ({"cls_token": torch.zeros(1, 8)}, r"cls_token of shape \(1, T, 8\)"),
     ],
 )
 def test_patch_embed_input_errors(kwargs, message):

@@ -243,9 +243,9 @@ PATCH_EMBED_ERRORS = [
      "one dtype, got images torch.float64, weight torch.float32, bias torch.float32"),
     ("bias-on-meta", {"bias": torch.zeros(8, device="meta")}, ValueError, r"one device, got images \S+, weight \S+, bias meta"),
     ("bias-shape", {"bias": randn(7)}, ValueError, r"bias of shape \(8,\), got \(7,\)"),
-    ("cls-shape", {"cls_token": randn(1, 8)}, ValueError, r"cls_token of shape \(1, 1, 8\), got \(1, 8\)"),
+    ("cls-shape", {"cls_token": randn(1, 8)}, ValueError, r"cls_token of shape \(1, T, 8\), T >= 1 prefix tokens \(class, registers, distillation\), got \(1, 8\)"),
     ("pos-shape", {"pos_embed": randn(1, 4, 8)}, ValueError,
-     r"pos_embed of shape \(1, 5, 8\) for a 32x32 image with patch 16 and a class token, got \(1, 4, 8\)"),
+     r"pos_embed of shape \(1, 5, 8\) for a 32x32 image with patch 16 and 1 prefix token\(s\), got \(1, 4, 8\)"),
 ]
 
 

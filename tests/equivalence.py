@@ -40,3 +40,25 @@ def assert_close_to_reference(
     allowed = factor * max_error(reference_low, reference64) + ATOL[actual.dtype]
     error = max_error(actual, reference64)
     assert error <= allowed, f"{name}: max error {error:.3e} > allowed {allowed:.3e} ({actual.dtype})"
+
+
+def assert_training_step_matches(step, swapped, model64, model, inputs, upstream, backend: str, name: str) -> None:
+    """A swapped model's training step against its unswapped original's, by the rule above.
+
+    ``step(model, inputs, upstream)`` returns (output, {parameter name: gradient}); the original
+    runs in float64 (``model64``) and in its own dtype (``model``), the swapped one under
+    ``kernels.use_backend(backend)``. The output and every gradient are compared; a parameter
+    without a gradient must have none on both sides.
+    """
+    import kernels
+
+    out64, grads64 = step(model64, inputs, upstream)
+    out_low, grads_low = step(model, inputs, upstream)
+    with kernels.use_backend(backend):
+        out, grads = step(swapped, inputs, upstream)
+    assert_close_to_reference(out, out64, out_low, name=f"{name} train output")
+    assert list(grads) == list(grads64)
+    for param, grad in grads.items():
+        assert (grad is None) == (grads64[param] is None), param
+        if grad is not None:
+            assert_close_to_reference(grad, grads64[param], grads_low[param], name=f"{name} grad {param}")

@@ -31,7 +31,11 @@ from kernels.swap import (
     swap,
     unswap,
 )
-from tests.equivalence import DEVICE, assert_close_to_reference
+from tests.equivalence import (
+    DEVICE,
+    assert_close_to_reference,
+    assert_training_step_matches,
+)
 
 BACKENDS = ["einsum", "triton"]
 WIDTH, HEADS, DEPTH, CLASSES, BATCH = 32, 2, 2, 10, 2
@@ -177,16 +181,7 @@ def test_swapped_model_matches_the_original(name, backend, kernel_calls):
     assert_close_to_reference(actual, reference64, reference_low, name=f"{name} eval logits")
 
     upstream = torch.randn(reference64.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
-    logits64, grads64 = _train_step(model64, images, upstream)
-    logits_low, grads_low = _train_step(model, images, upstream)
-    with kernels.use_backend(backend):
-        logits, grads = _train_step(swapped, images, upstream)
-    assert_close_to_reference(logits, logits64, logits_low, name=f"{name} train logits")
-    assert list(grads) == list(grads64)
-    for param, grad in grads.items():
-        assert (grad is None) == (grads64[param] is None), param
-        if grad is not None:
-            assert_close_to_reference(grad, grads64[param], grads_low[param], name=f"{name} grad {param}")
+    assert_training_step_matches(_train_step, swapped, model64, model, images, upstream, backend, name)
 
 
 def test_the_rule_fails_on_a_wrong_swap(monkeypatch):

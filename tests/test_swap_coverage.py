@@ -23,7 +23,11 @@ from torch import nn
 import kernels
 from kernels import dispatch
 from kernels.swap import TARGETS, swap, swap_table
-from tests.equivalence import DEVICE, assert_close_to_reference
+from tests.equivalence import (
+    DEVICE,
+    assert_close_to_reference,
+    assert_training_step_matches,
+)
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -327,15 +331,7 @@ def _check_family(name: str, backend: str, kernel_calls) -> None:
     assert_close_to_reference(actual, reference64, reference_low, name=f"{name} eval output")
 
     upstream = torch.randn(reference64.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
-    out64, grads64 = _train_step(model64, inputs, upstream)
-    out_low, grads_low = _train_step(model, inputs, upstream)
-    with kernels.use_backend(backend):
-        out, grads = _train_step(swapped, inputs, upstream)
-    assert_close_to_reference(out, out64, out_low, name=f"{name} train output")
-    for param, grad in grads.items():
-        assert (grad is None) == (grads64[param] is None), param
-        if grad is not None:
-            assert_close_to_reference(grad, grads64[param], grads_low[param], name=f"{name} grad {param}")
+    assert_training_step_matches(_train_step, swapped, model64, model, inputs, upstream, backend, name)
 
     # Undo: the original forwards, exactly.
     restored = report.undo()

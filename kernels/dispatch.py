@@ -41,15 +41,33 @@ def _checked_backend_name(name: str, where: str) -> str:
     return name
 
 
-# Per thread and per asyncio task: a new thread starts from the process default.
-_PROCESS_BACKEND = _checked_backend_name(os.environ.get("VITRITON_BACKEND", "auto"), "VITRITON_BACKEND")
-_backend = contextvars.ContextVar("vitriton_backend", default=_PROCESS_BACKEND)
+def _process_backend(value: str | None) -> str | None:
+    """``VITRITON_BACKEND`` as read at import: any case, empty or unset means "auto".
+
+    A bad value is kept as it came (None here) and raised by the first call that needs a backend,
+    so a typo in the environment cannot make ``import kernels`` itself fail.
+    """
+    name = (value or "auto").strip().lower() or "auto"
+    return name if name in BACKENDS else None
+
+
+_PROCESS_BACKEND_RAW = os.environ.get("VITRITON_BACKEND")
+_PROCESS_BACKEND = _process_backend(_PROCESS_BACKEND_RAW)
+# Per thread and per asyncio task: a new thread starts from the process default (None stands for it).
+_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("vitriton_backend", default=None)
 _warned: set[str] = set()
 
 
 def get_backend() -> str:
     """The backend used here (this thread, this task) by calls that do not name one."""
-    return _backend.get()
+    name = _backend.get()
+    if name is not None:
+        return name
+    if _PROCESS_BACKEND is None:
+        raise ValueError(
+            f"VITRITON_BACKEND: expected one of {BACKENDS} (any case; empty means unset), got {_PROCESS_BACKEND_RAW!r}"
+        )
+    return _PROCESS_BACKEND
 
 
 @contextlib.contextmanager

@@ -325,3 +325,38 @@ def test_patch_embed_under_autocast_promotes_like_cat_and_add():
         expected = torch.cat([cls_token.expand(2, -1, -1), conv], dim=1) + pos_embed
     assert tokens.dtype == expected.dtype == f64
     torch.testing.assert_close(tokens, expected, atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("EINSUM", "einsum"), ("Triton", "triton"), ("", "auto"), (" auto ", "auto"), (None, "auto"), ("bogus", None)],
+)
+def test_process_backend_takes_any_case_and_empty_as_unset(value, expected):
+    assert dispatch._process_backend(value) == expected
+
+
+@pytest.mark.parametrize("value", ["bogus", "EINSUM", ""])
+def test_a_bad_process_backend_fails_at_the_first_call_not_at_import(value):
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, kernels\n"
+        "q = torch.randn(1, 1, 3, 4)\n"
+        "try:\n"
+        "    kernels.attention(q, q, q)\n"
+        "except ValueError as error:\n"
+        "    print('ERROR', error)\n"
+        "else:\n"
+        "    print('OK', kernels.get_backend())\n"
+    )
+    env = {**os.environ, "VITRITON_BACKEND": value}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1
+    if value == "bogus":
+        assert lines[0].startswith("ERROR VITRITON_BACKEND: expected one of") and "'bogus'" in lines[0]
+    else:
+        assert lines[0] == f"OK {value.lower() or 'auto'}"

@@ -1349,6 +1349,9 @@ def attention_varlen_triton(
     reason = cannot_take_varlen(q, k, v, max_seqlen_q, max_seqlen_k, dropout_p)
     if reason is not None:
         raise ValueError(f"attention_varlen: {reason}; use backend='einsum'")
+    # The kernels read cu_seqlens[i] at offset i: a strided, offset or expanded view of the values
+    # the checks read would be read wrong (or out of bounds). A copy only when it is not contiguous.
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dropout_seed = None
     if dropout_p > 0.0:

@@ -468,16 +468,19 @@ def _patch_embed_autocast(device_type: str, named: dict[str, torch.Tensor | None
 # ---------------------------------------------------------------------------------------------
 # Packed sequences of different lengths (flash-attn's varlen layout).
 
-# cu_seqlens tensors already checked on a GPU, by (data pointer, version): a model's layers share
-# one, so its values are read back (a host sync) once per forward, not once per layer.
-_checked_cu_seqlens: dict[tuple, tuple[int, int]] = {}
+# Facts of cu_seqlens tensors already checked, by the tensor itself (held weakly) and its version:
+# a model's layers share one, so its values are read back (a host sync on a GPU) once per forward,
+# not once per layer. Keyed on the object, not its address: a new tensor that the caching
+# allocator puts where a freed one was is a new key, never the old one's facts.
+_checked_cu_seqlens = torch.utils.weak.WeakTensorKeyDictionary()
 
 
 def _cu_seqlens_facts(op: str, name: str, cu_seqlens: torch.Tensor, total: int) -> tuple[int, int]:
     """(number of sequences, longest length) of a checked cu_seqlens, read back once."""
-    key = (cu_seqlens.device, cu_seqlens.data_ptr(), cu_seqlens._version, cu_seqlens.numel(), total)
-    if key in _checked_cu_seqlens:
-        return _checked_cu_seqlens[key]
+    key = (cu_seqlens._version, cu_seqlens.numel(), total)
+    known = _checked_cu_seqlens.get(cu_seqlens)
+    if known is not None and known[0] == key:
+        return known[1]
     values = cu_seqlens.tolist()
     if values[0] != 0:
         raise ValueError(f"{op}: expected {name} to start at 0, got {values[0]}")
@@ -488,11 +491,41 @@ def _cu_seqlens_facts(op: str, name: str, cu_seqlens: torch.Tensor, total: int) 
     if values[-1] != total:
         raise ValueError(f"{op}: expected {name}[-1] to be the packed length {total}, got {values[-1]}")
     facts = (len(lengths), max(lengths, default=0))
-    if cu_seqlens.device.type != "cpu":
-        if len(_checked_cu_seqlens) > 256:
-            _checked_cu_seqlens.clear()
-        _checked_cu_seqlens[key] = facts
+    _checked_cu_seqlens[cu_seqlens] = (key, facts)
     return facts
+
+
+def _assert_cu_seqlens_on_device(name: str, cu_seqlens: torch.Tensor, total: int, longest: int | None) -> None:
+    """The checks of ``_cu_seqlens_facts`` as a device-side assert: what a traced graph can hold.
+
+    Under ``torch.compile`` the values cannot be read on the host (a data-dependent graph break),
+    so they are checked where they are, when the graph runs.
+    """
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    valid = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (lengths >= 0).all()
+    if longest is not None:
+        valid = valid & (lengths.max() <= longest) if lengths.numel() else valid
+    torch._assert_async(
+        valid, f"attention_varlen: expected {name} to start at 0, be non-decreasing, end at the packed length {total}"
+        + ("" if longest is None else f" and hold no sequence longer than max_seqlen {longest}")
+    )
+
+
+def _checked_max_seqlen(op: str, name: str, value) -> int | torch.Tensor | None:
+    """``max_seqlen_*`` as given: None, an int >= 0, or a 0-d integer tensor (what models compute
+    with ``cu_seqlens.diff().max()``; its value is never read on the host: see ``attention_varlen``)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{op}: expected {name} to be None, an int or a 0-d integer tensor, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        return value
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{op}: expected {name} to be None, an int or a 0-d integer tensor, got {_type_name(value)}")
+    if value < 0:
+        raise ValueError(f"{op}: expected {name} to be at least 0, got {value}")
+    return int(value)
 
 
 def attention_varlen(
@@ -516,9 +549,12 @@ def attention_varlen(
     ``cu_seqlens_k[i]:cu_seqlens_k[i + 1]`` of k and v (int32, length n + 1, starting at 0,
     non-decreasing, ending at the packed length); its queries attend its keys only. Lengths may
     be 0 and differ between q and k (a sequence with queries and no keys gives zeros).
-    ``max_seqlen_*`` are the longest lengths; pass them (a model computes them once per batch).
-    None reads them from ``cu_seqlens_*``, a host sync on a GPU. The values of a ``cu_seqlens``
-    are checked the first time that tensor is seen (one sync per forward, not per layer).
+    ``max_seqlen_*``: None, an int at least the longest length, or a 0-d integer tensor (what
+    models compute; its value is not read). In eager mode the values of a ``cu_seqlens`` are
+    read and checked the first time that tensor is seen (one host sync per forward on a GPU, not
+    one per layer), and give the longest lengths. Under ``torch.compile`` nothing is read on the
+    host: the checks become a device-side assert, and the grid is sized by the int given, else
+    by the packed length (correct, with idle programs: pass ints where you can).
     ``scale``, ``dropout_p`` and ``is_causal`` (top-left aligned per sequence) as ``attention``.
     """
     op = "attention_varlen"
@@ -547,13 +583,26 @@ def attention_varlen(
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"{op}: expected k and v of the same packed length, got k {k.shape[0]} and v {v.shape[0]}")
     scale, dropout_p, is_causal = _check_scalars(op, scale, dropout_p, is_causal)
-    _, longest_q = _cu_seqlens_facts(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0])
-    _, longest_k = _cu_seqlens_facts(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0])
-    for name, given, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
-        if given is not None and (not isinstance(given, numbers.Integral) or isinstance(given, bool) or given < longest):
-            raise ValueError(f"{op}: expected {name} to be None or an int >= the longest sequence ({longest}), got {given!r}")
-    max_seqlen_q = longest_q if max_seqlen_q is None else int(max_seqlen_q)
-    max_seqlen_k = longest_k if max_seqlen_k is None else int(max_seqlen_k)
+    given_q = _checked_max_seqlen(op, "max_seqlen_q", max_seqlen_q)
+    given_k = _checked_max_seqlen(op, "max_seqlen_k", max_seqlen_k)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        # No host read in a traced graph: the values are asserted on the device, and the kernels'
+        # grid is sized by the given int, or by the packed length (a bound) when none is given.
+        longest_q = given_q if isinstance(given_q, int) else q.shape[0]
+        longest_k = given_k if isinstance(given_k, int) else k.shape[0]
+        _assert_cu_seqlens_on_device("cu_seqlens_q", cu_seqlens_q, q.shape[0], given_q if isinstance(given_q, int) else None)
+        _assert_cu_seqlens_on_device("cu_seqlens_k", cu_seqlens_k, k.shape[0], given_k if isinstance(given_k, int) else None)
+    else:
+        _, longest_q = _cu_seqlens_facts(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0])
+        _, longest_k = _cu_seqlens_facts(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0])
+        for name, given, longest in (("max_seqlen_q", given_q, longest_q), ("max_seqlen_k", given_k, longest_k)):
+            if isinstance(given, int) and given < longest:
+                raise ValueError(f"{op}: expected {name} >= the longest sequence ({longest}), got {given}")
+    # An int is the grid's size; a tensor's value is not read (a host sync per layer): the longest
+    # length read from cu_seqlens, exact, takes its place.
+    max_seqlen_q = given_q if isinstance(given_q, int) else longest_q
+    max_seqlen_k = given_k if isinstance(given_k, int) else longest_k
 
     from kernels.attention import attention_varlen_triton, cannot_take_varlen
 
@@ -561,6 +610,10 @@ def attention_varlen(
         return cannot_take_varlen(q, k, v, max_seqlen_q, max_seqlen_k, dropout_p)
 
     if pick_backend(backend, op, [q, k, v], cannot_take) == "einsum":
+        if compiling:  # one masked problem over the packed rows: no per-sequence split to read on the host
+            return reference.attention_varlen_masked(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, scale, dropout_p, is_causal=is_causal, attend=reference.attention_fallback
+            )
         return reference.attention_varlen_reference(
             q, k, v, cu_seqlens_q, cu_seqlens_k, scale, dropout_p, is_causal=is_causal, attend=reference.attention_fallback
         )

@@ -487,3 +487,35 @@ def attention_varlen_reference(
     if not outputs:
         return v.new_zeros(0, q.shape[1], v.shape[-1])
     return torch.cat(outputs, dim=0)  # (total_q, H, Dv)
+
+
+def attention_varlen_masked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    *,
+    is_causal: bool = False,
+    attend=attention_reference,
+) -> torch.Tensor:
+    """``attention_varlen_reference`` with no host read of ``cu_seqlens`` (what ``torch.compile``
+    traces in one graph): the packed rows as one problem, a bool mask keeping each query to its
+    own sequence's keys (and, causal, to keys at or before its position in that sequence).
+    total_q x total_k work instead of the sum of the sequences' own products.
+    """
+    rows_q = torch.arange(q.shape[0], device=q.device, dtype=cu_seqlens_q.dtype)
+    rows_k = torch.arange(k.shape[0], device=k.device, dtype=cu_seqlens_k.dtype)
+    sequence_q = torch.searchsorted(cu_seqlens_q[1:], rows_q, right=True)  # (total_q,): each row's sequence
+    sequence_k = torch.searchsorted(cu_seqlens_k[1:], rows_k, right=True)  # (total_k,)
+    allowed = sequence_q[:, None] == sequence_k[None, :]  # (total_q, total_k)
+    if is_causal:  # top-left aligned within each sequence
+        position_q = rows_q - cu_seqlens_q[sequence_q]
+        position_k = rows_k - cu_seqlens_k[sequence_k]
+        allowed = allowed & (position_k[None, :] <= position_q[:, None])
+    # (total, H, D) -> (1, H, total, D): one batch of the packed rows
+    packed_q, packed_k, packed_v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = attend(packed_q, packed_k, packed_v, allowed[None, None], scale, dropout_p, is_causal=False)
+    return out.squeeze(0).transpose(0, 1)  # (total_q, H, Dv)

@@ -98,7 +98,12 @@ def _cu(values):
         (lambda a: {**a, "cu_seqlens_k": _cu([0, 7])}, ValueError, "as many query as key sequences"),
         (lambda a: {**a, "cu_seqlens_q": a["cu_seqlens_q"].to("meta")}, ValueError, "on one device"),
         (lambda a: {**a, "q": a["q"][None]}, ValueError, r"q of shape \(total, H, D\)"),
-        (lambda a: {**a, "max_seqlen_q": 3}, ValueError, r"max_seqlen_q to be None or an int >= the longest sequence \(4\), got 3"),
+        (lambda a: {**a, "max_seqlen_q": 3}, ValueError, r"max_seqlen_q >= the longest sequence \(4\), got 3"),
+        (lambda a: {**a, "max_seqlen_q": -1}, ValueError, "max_seqlen_q to be at least 0, got -1"),
+        (lambda a: {**a, "max_seqlen_q": 4.0}, TypeError, "max_seqlen_q to be None, an int or a 0-d integer tensor, got float"),
+        (lambda a: {**a, "max_seqlen_k": True}, TypeError, "max_seqlen_k to be None, an int or a 0-d integer tensor, got bool"),
+        (lambda a: {**a, "max_seqlen_q": torch.tensor(4.0)}, TypeError, r"got a tensor of shape \(\) and dtype torch.float32"),
+        (lambda a: {**a, "max_seqlen_q": torch.tensor([4])}, TypeError, r"got a tensor of shape \(1,\)"),
     ],
 )
 def test_varlen_bad_input_is_one_line(change, error, message):
@@ -164,3 +169,103 @@ def test_packed_vit_refuses_sides_that_are_not_patch_multiples():
     model = ViT(fused=False, **SMALL)
     with pytest.raises(ValueError, match=r"image 1's sides to be multiples of the patch size 8, got \(12, 16\)"):
         model([torch.rand(3, 16, 16), torch.rand(3, 12, 16)])
+
+
+@pytest.mark.parametrize("backend", ["einsum", "triton"])
+def test_varlen_takes_max_seqlen_as_a_0d_integer_tensor(backend):
+    """What Qwen's vision towers compute: ``cu_seqlens.diff().max()``, a 0-d tensor."""
+    q, k, v, cu_q, cu_k = packed([3, 4], [5, 2], dtype=torch.float32)
+    wanted = kernels.attention_varlen(q, k, v, cu_q, cu_k, 4, 5, backend=backend)
+    for dtype in (torch.int32, torch.int64):
+        longest_q, longest_k = cu_q.diff().max().to(dtype), cu_k.diff().max().to(dtype)
+        got = kernels.attention_varlen(q, k, v, cu_q, cu_k, longest_q, longest_k, backend=backend)
+        torch.testing.assert_close(got, wanted, rtol=0, atol=0)
+
+
+def _strided_cu_seqlens(values):
+    """Three views holding ``values`` that are not plain contiguous tensors, with junk in between."""
+    n = len(values)
+    every_other = torch.full((2 * n,), 10**6, dtype=torch.int32)
+    every_other[::2] = torch.tensor(values, dtype=torch.int32)
+    offset = torch.full((n + 3,), 10**6, dtype=torch.int32)
+    offset[3:] = torch.tensor(values, dtype=torch.int32)
+    # expanded: a (2, n) view of one row, read down a column of stride 0 would repeat one value
+    expanded = torch.tensor(values, dtype=torch.int32)[None].expand(2, n)[1]
+    return {"every_other": every_other[::2], "offset": offset[3:], "expanded": expanded}
+
+
+@pytest.mark.parametrize("which", ["every_other", "offset", "expanded"])
+@pytest.mark.parametrize("backend", ["einsum", "triton"])
+def test_varlen_reads_the_values_of_a_strided_cu_seqlens(which, backend):
+    """Issue 19: a strided view's values were checked on the host, then read as if contiguous."""
+    lengths_q, lengths_k = [4, 6, 3], [5, 2, 7]
+    q, k, v, cu_q, cu_k = packed(lengths_q, lengths_k, dtype=torch.float32)
+    view_q = _strided_cu_seqlens(cu_q.tolist())[which]
+    view_k = _strided_cu_seqlens(cu_k.tolist())[which]
+    assert which == "expanded" or not view_q.is_contiguous() or view_q.storage_offset() > 0
+    grad = torch.randn(sum(lengths_q), 2, 16)
+    wanted = attention_varlen_reference(*(t.detach().double().requires_grad_() for t in (q, k, v)), cu_q, cu_k)
+    got = kernels.attention_varlen(q, k, v, view_q, view_k, backend=backend)
+    assert_close_to_reference(got, wanted, wanted.float())
+    grads = torch.autograd.grad(got, (q, k, v), grad)
+    wanted_grads = torch.autograd.grad(
+        kernels.attention_varlen(q, k, v, cu_q, cu_k, backend="einsum"), (q, k, v), grad
+    )
+    for mine, theirs in zip(grads, wanted_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_varlen_cache_of_checked_cu_seqlens_is_not_fooled_by_reused_storage():
+    """Issue 19: facts cached by (data pointer, version) served a new tensor placed where an old one was.
+
+    A stand-in for the caching allocator: a second tensor over the same storage, same count and
+    total, different values (one invalid: a length of -1 must be refused, not served stale facts).
+    """
+    q, k, v, cu_q, cu_k = packed([3, 4], [3, 4], dtype=torch.float32)
+    import numpy as np
+
+    memory = np.array([0, 3, 7], dtype=np.int32)
+    first = torch.from_numpy(memory)
+    kernels.attention_varlen(q, k, v, first, first, backend="einsum")  # checked and cached
+    memory[:] = [0, 8, 7]  # new values where the first tensor's were, no version bump
+    reused = torch.from_numpy(memory)
+    assert (reused.data_ptr(), reused._version, reused.numel()) == (first.data_ptr(), first._version, first.numel())
+    with pytest.raises(ValueError, match="non-decreasing, got 8 then 7"):
+        kernels.attention_varlen(q, k, v, reused, reused, backend="einsum")
+
+
+def test_varlen_masked_form_equals_each_sequence_alone():
+    """The form torch.compile runs (no host read of cu_seqlens), causal and not, with empty sequences."""
+    from kernels.reference import attention_varlen_masked
+
+    for is_causal in (False, True):
+        q, k, v, cu_q, cu_k = packed([3, 0, 5, 2], [4, 2, 5, 0])
+        wanted = attention_varlen_reference(q, k, v, cu_q, cu_k, is_causal=is_causal)
+        got = attention_varlen_masked(q, k, v, cu_q, cu_k, is_causal=is_causal)
+        torch.testing.assert_close(got, wanted)
+        grads = torch.autograd.grad(got.sum(), (q, k, v))
+        wanted_grads = torch.autograd.grad(wanted.sum(), (q, k, v))
+        for mine, theirs in zip(grads, wanted_grads):
+            torch.testing.assert_close(mine, theirs)
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager", "inductor"])
+@pytest.mark.parametrize("given", ["int", "tensor", "none"])
+def test_varlen_compiles_fullgraph_with_no_host_read(compile_backend, given):
+    """Issue 19: the cu_seqlens checks read values on the host, which no traced graph holds."""
+    torch._dynamo.reset()
+    q, k, v, cu_q, cu_k = packed([3, 4, 1], [5, 2, 2], dtype=torch.float32)
+    longest = {"int": (4, 5), "tensor": (cu_q.diff().max(), cu_k.diff().max()), "none": (None, None)}[given]
+
+    def attend(q, k, v, cu_q, cu_k):
+        return kernels.attention_varlen(q, k, v, cu_q, cu_k, *longest, is_causal=True, backend="einsum")
+
+    compiled = torch.compile(attend, backend=compile_backend, fullgraph=True)
+    got = compiled(q, k, v, cu_q, cu_k)
+    wanted = attend(q, k, v, cu_q, cu_k)
+    torch.testing.assert_close(got, wanted)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), q)[0], torch.autograd.grad(wanted.sum(), q)[0])
+    # The checks still hold in the graph, as a device-side assert.
+    bad = torch.tensor([0, 8, 8, 7], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q to start at 0, be non-decreasing"):
+        compiled(q.detach(), k.detach(), v.detach(), bad, cu_k)

@@ -13,8 +13,10 @@ Triton runs on CUDA tensors the kernels can take, the einsum fallback otherwise 
 
 # The kernel modules share their names with the public functions bound below. Importing a
 # submodule sets it as an attribute of the package, so they are imported first and the
-# functions bound after them win. Without Triton (it installs on Linux only) the einsum
-# reference still works; asking for the Triton backend then says Triton is missing.
+# functions bound after them win; the swap function carries its module's public names
+# (``kernels.swap.TARGETS``, ``kernels.swap.swap_table()``). Without Triton (it installs on
+# Linux only) the einsum reference still works; asking for the Triton backend then says Triton
+# is missing.
 try:
     from kernels import attention as _attention_kernels  # noqa: F401
     from kernels import patch_embed as _patch_embed_kernels  # noqa: F401

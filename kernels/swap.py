@@ -10,6 +10,7 @@ tensors, checkpoints load and save as before, and other models of the same class
 Nothing has to happen before the model is built. The patched forwards are plain functions of
 the module's own attributes (no state is written during a forward), bound to the module through
 a weak reference, so a swapped model still deep-copies and ``del model`` frees it at once.
+``torch.compile`` traces them; ``torch.jit.script`` cannot compile them, and says so in one line.
 
 What is recognised is one table, ``TARGETS``: a ``SwapTarget`` per class (found among the
 modules already imported: swapping never imports timm, torchvision or transformers for you),
@@ -36,6 +37,7 @@ from kernels.swap_forwards import RECORD as _RECORD
 ATTENTION_DONE = "-> kernels.attention"
 PATCH_EMBED_DONE = "-> kernels.patch_embed"
 NOT_ASKED = "not asked (attention=False or patch_embed=False)"
+SCRIPT_HOOK = "__prepare_scriptable__"  # torch.jit.script calls it on each module first: see _RefuseScript
 
 
 def _loaded_class(module_name: str, class_name: str):
@@ -108,7 +110,24 @@ class _UndoRecord:
     covers: list[str] = dataclasses.field(default_factory=list)  # transformers: the layers (paths below) it switched
 
 
+class _RefuseScript:
+    """A swapped module's ``__prepare_scriptable__``, which ``torch.jit.script`` calls on every module
+    before compiling it: the swapped forwards call vitriton's Python dispatch (the per-thread
+    backend, the checks, the Triton launches), which TorchScript cannot compile, so scripting a
+    swapped model says so in one line instead of a TorchScript trace. Undo removes it."""
+
+    def __init__(self, kind: str):
+        self.kind = kind  # the class name only: no reference to the module, so no cycle
+
+    def __call__(self):
+        raise RuntimeError(
+            f"{self.kind} swapped by kernels.swap: torch.jit.script cannot compile the swapped forwards, which call "
+            "vitriton's Python dispatch; use torch.compile, or kernels.unswap(model) before scripting"
+        )
+
+
 def _patch(module: nn.Module, token: object, values: dict) -> None:
+    values = {**values, SCRIPT_HOOK: _RefuseScript(type(module).__name__)}
     previous = {name: module.__dict__.get(name, _Absent) for name in values if name != ATTN_IMPLEMENTATION}
     record = _UndoRecord(token, previous)
     for name, value in values.items():
@@ -525,3 +544,15 @@ def swap(model: nn.Module, attention: bool = True, patch_embed: bool = True) -> 
             f"swap: found no attention or patch-embedding module it knows in {type(model).__name__}; it knows {known}"
         )
     return report
+
+
+# ``kernels.swap`` is the function above (kernels/__init__.py binds the name over this module's), so
+# the module's public names hang on it too, and the README's ``kernels.swap.TARGETS`` and
+# ``kernels.swap.swap_table()`` work as written. ``from kernels.swap import ...`` reads the module.
+swap.TARGETS = TARGETS
+swap.SwapTarget = SwapTarget
+swap.SwapReport = SwapReport
+swap.SwapEntry = SwapEntry
+swap.swap_table = swap_table
+swap.register_transformers_attention = register_transformers_attention
+swap.unswap = unswap

@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import pickle
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -230,7 +231,7 @@ def test_undo_restores_the_original_forwards_exactly(name, undo, kernel_calls):
     assert set(report_paths := [e.path for e in report.replaced]) <= set(restored), (report_paths, restored)
     for path, module in model.named_modules():
         assert "_vitriton_swap" not in module.__dict__, path
-        assert "forward" not in module.__dict__ and "_pos_embed" not in module.__dict__, path
+        assert not {"forward", "_pos_embed", "__prepare_scriptable__"} & module.__dict__.keys(), path
     assert all(not getattr(m, "fused", False) for m in model.modules() if isinstance(m, (vit.MultiHeadAttention, vit.PatchEmbedding)))
     if hasattr(model, "config") and hasattr(model.config, "_attn_implementation"):
         assert model.config._attn_implementation == "sdpa"
@@ -265,6 +266,16 @@ def test_report_prints_what_it_did():
     assert text.splitlines()[0] == "swap(VisionTransformer): 3 replaced, 0 already swapped, 0 left alone"
     assert re.search(r"replaced\s+blocks\.0\.attn\s+timm Attention -> kernels\.attention", text)
     assert re.search(r"replaced\s+patch_embed\s+timm PatchEmbed \+ cls_token \+ pos_embed -> kernels\.patch_embed", text)
+
+
+def test_kernels_swap_the_function_carries_its_modules_names():
+    # kernels/__init__.py binds kernels.swap to the function, over the module's name; before, the
+    # README's kernels.swap.TARGETS and kernels.swap.swap_table() were AttributeErrors.
+    module = sys.modules["kernels.swap"]
+    assert kernels.swap is module.swap
+    for name in ("TARGETS", "SwapTarget", "SwapReport", "SwapEntry", "swap_table", "register_transformers_attention", "unswap"):
+        assert getattr(kernels.swap, name) is getattr(module, name), name
+    assert kernels.swap.swap_table().startswith("| library | module | becomes |")
 
 
 def test_a_model_with_nothing_known_raises():
@@ -571,6 +582,45 @@ def test_torch_compile_traces_the_swapped_forward(name):
         eager = _logits(model, images)
         compiled = _logits(torch.compile(model, backend="eager", fullgraph=True), images)
     torch.testing.assert_close(compiled, eager)
+
+
+def _timm_scriptable() -> nn.Module:
+    timm = pytest.importorskip("timm")
+    with timm.layers.set_scriptable(True):  # as timm's own test_model_forward_torchscript builds them
+        return _timm("vit_tiny_patch16_224")
+
+
+SCRIPTABLE = {  # models whose unswapped form torch.jit.script compiles, and an input
+    "timm_vit_tiny_patch16_224": (_timm_scriptable, (BATCH, 3, 32, 32)),
+    "torchvision_vit_b_16": (_torchvision, (BATCH, 3, 32, 32)),
+    "torch_transformer_encoder_layer": (
+        lambda: nn.TransformerEncoderLayer(WIDTH, HEADS, 2 * WIDTH, dropout=0.0, batch_first=True), (BATCH, 5, WIDTH)
+    ),
+    "vit": (_vit, (BATCH, 3, 32, 32)),
+}
+
+
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
+@pytest.mark.parametrize("name", list(SCRIPTABLE))
+def test_torch_jit_script_of_a_swapped_model_says_why_and_what_instead(name):
+    # Before: AttributeError: 'BoundForward' object has no attribute '__globals__', from inside
+    # torch.jit. The swapped forwards call our Python dispatch, which TorchScript cannot compile.
+    build, shape = SCRIPTABLE[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(shape)
+    torch.jit.script(model)  # unswapped, it scripts
+    report = swap(model)
+    expected = r"swapped by kernels\.swap: torch\.jit\.script cannot compile .* use torch\.compile, or kernels\.unswap\(model\)"
+    with pytest.raises(RuntimeError, match=expected) as error:
+        torch.jit.script(model)
+    assert "\n" not in str(error.value)
+    with pytest.raises(RuntimeError, match=expected):  # a swapped part alone, too
+        torch.jit.script(model.get_submodule(report.replaced[-1].path))
+    unswap(model)
+    assert all("__prepare_scriptable__" not in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x))
 
 
 @pytest.mark.parametrize("is_causal", [False, True])

@@ -238,3 +238,43 @@ def test_towers_on_the_triton_varlen_kernels_equal_their_own_sdpa_path(build, in
             assert p32.grad is None, name
         else:
             torch.testing.assert_close(p32.grad.double(), p64.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def _captured_call(module, run):
+    """The positional and keyword arguments ``module`` is called with while ``run()`` runs."""
+    seen = {}
+    handle = module.register_forward_pre_hook(lambda _, args, kwargs: seen.update(args=args, kwargs=kwargs), with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen["args"], seen["kwargs"]
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("build", [qwen2_vl, qwen2_5_vl, qwen3_vl])
+def test_swapped_qwen_towers_compile_fullgraph(build, compile_backend):
+    """Issue 19: the cu_seqlens checks read values on the host, a data-dependent break in the graph.
+
+    Every swapped attention layer traces whole, with max_seqlen as the tower passes it and as a 0-d
+    tensor (what ``cu_seqlens.diff().max()`` gives). Qwen2-VL and Qwen3-VL trace whole too;
+    Qwen2.5-VL's own window indexing does not trace with fullgraph, swapped or not.
+    """
+    torch.manual_seed(0)
+    model = build().to(f64)
+    pixels = torch.randn(int(GRID.prod(-1).sum()), 3 * TEMPORAL * PATCH * PATCH, dtype=f64)
+    kernels.swap(model)
+    with kernels.use_backend("einsum"):
+        expected = _output(model, pixels)
+        attention = model.blocks[0].attn
+        args, kwargs = _captured_call(attention, lambda: _output(model, pixels))
+        longest = kwargs["cu_seqlens"].diff().max()
+        for given in (kwargs.get("max_seqlen"), longest):
+            torch._dynamo.reset()
+            layer_kwargs = {**kwargs, "max_seqlen": given}
+            compiled = torch.compile(attention, backend=compile_backend, fullgraph=True)
+            torch.testing.assert_close(compiled(*args, **layer_kwargs), attention(*args, **layer_kwargs))
+        if build is not qwen2_5_vl:
+            torch._dynamo.reset()
+            actual = _output(torch.compile(model, backend=compile_backend, fullgraph=True), pixels)
+            torch.testing.assert_close(actual, expected)

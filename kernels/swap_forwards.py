@@ -744,7 +744,7 @@ def qwen_vision_attention_forward(
     cos, sin = position_embeddings
     q, k = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
     cu_seqlens = cu_seqlens.to(torch.int32)
-    longest = max_seqlen if isinstance(max_seqlen, int) else None
+    longest = max_seqlen if isinstance(max_seqlen, (int, torch.Tensor)) else None  # a 0-d tensor is taken unread
     out = dispatch.attention_varlen(
         q, k, v, cu_seqlens, cu_seqlens, longest, longest,
         scale=self.scaling, dropout_p=self.attention_dropout if self.training else 0.0,

@@ -278,3 +278,18 @@ def test_swapped_qwen_towers_compile_fullgraph(build, compile_backend):
             torch._dynamo.reset()
             actual = _output(torch.compile(model, backend=compile_backend, fullgraph=True), pixels)
             torch.testing.assert_close(actual, expected)
+
+
+def test_swapped_pixtral_compiles_fullgraph():
+    """Issue 19 item 5, Pixtral: with image sizes as Python numbers (as a tensor, the original's own
+    cropping by their values does not trace, swapped or not) the swapped tower traces whole."""
+    torch.manual_seed(0)
+    model = pixtral().to(f64)
+    pixels, sizes = _pixtral_inputs()
+    sizes = [tuple(size) for size in sizes.tolist()]
+    kernels.swap(model)
+    with kernels.use_backend("einsum"):
+        expected = model(pixels, image_sizes=sizes).last_hidden_state
+        torch._dynamo.reset()
+        actual = torch.compile(model, backend="aot_eager", fullgraph=True)(pixels, image_sizes=sizes).last_hidden_state
+    torch.testing.assert_close(actual, expected)

@@ -2,8 +2,8 @@
 
 The first cases (a missing or unreadable file, ``--batch 0``) are in tests/test_robustness.py;
 these are the ones that ended in tracebacks before: a batch too big for the memory there is, an
-image above Pillow's decompression-bomb limit. And the main job runs under
-``kernels.use_backend``, so it leaves no global backend behind.
+image above Pillow's decompression-bomb limit, a VITRITON_BACKEND that names no backend. And
+the main job runs under ``kernels.use_backend``, so it leaves no global backend behind.
 """
 
 import importlib
@@ -161,3 +161,54 @@ def test_packing_with_a_batch_is_one_line(capsys):
     code = vit_main.main(["--native", "--batch", "2", "--backend", "einsum"])
     assert code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_an_empty_image_name_is_one_line(capsys):
+    """Before: "expected an image file, got a directory: ." (Path("") is the current directory)."""
+    for arguments in ([""], ["", "--native"]):
+        code, stderr = run_main(capsys, *arguments, "--model", TINY)
+        assert code == 2 and stderr == "python -m vit: expected an image file, got an empty file name\n"
+
+
+def test_without_backend_the_calling_threads_backend_runs(monkeypatch, capsys):
+    seen = []
+    run = vit_main.run
+
+    def recording_run(*args):
+        seen.append(kernels.get_backend())
+        return run(*args)
+
+    monkeypatch.setattr(vit_main, "run", recording_run)
+    with kernels.use_backend("einsum"):
+        assert vit_main.main(["--model", TINY]) == 0
+    assert seen == ["einsum"]
+
+
+def test_vitriton_backend_is_read_any_case_and_a_bad_one_is_one_line():
+    """Before, --backend's default "auto" hid VITRITON_BACKEND from the main job: "bogus" ran as
+    if unset. Now a bad value is one line and exit status 2, and the others run as their name
+    says (any case; empty means unset). The processes run side by side."""
+    cases = {"bogus": 2, "EINSUM": 0, "": 0}
+    if not torch.cuda.is_available():
+        cases["Triton"] = 2  # the fused kernels need a GPU: said in one line
+    processes = {
+        value: subprocess.Popen(
+            [sys.executable, "-m", "vit", "--model", TINY],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "VITRITON_BACKEND": value},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for value in cases
+    }
+    expected_stderr = {
+        "bogus": ("python -m vit: VITRITON_BACKEND: expected one of ('auto', 'triton', 'einsum') (any case; empty "
+                  "means unset), got 'bogus'\n"),
+        "EINSUM": "",
+        "": "",
+        "Triton": "python -m vit: VITRITON_BACKEND=triton needs a CUDA GPU, and none is present\n",
+    }
+    for value, process in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == cases[value], f"{value!r}: {stderr[-3000:]}"
+        assert stderr == expected_stderr[value], f"{value!r}: {stderr[-3000:]}"
+        if cases[value] == 0:
+            assert "6. classification head: (1, 1000)" in stdout, f"{value!r}: {stdout[-3000:]}"

@@ -180,6 +180,22 @@ def test_other_image_size_resamples_position_embedding():
         model(torch.rand(1, 3, 40, 64))
 
 
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_image_without_rows_or_columns_is_one_line_naming_the_minimum(fused):
+    """Before: a RuntimeError from inside F.interpolate (the position-embedding resampling),
+    naming neither the image nor the size expected."""
+    model = ViT(fused=fused, **SMALL).eval()
+    for shape, got in (((2, 3, 0, 32), "0x32"), ((2, 3, 32, 0), "32x0"), ((1, 3, 0, 0), "0x0")):
+        with pytest.raises(ValueError, match=rf"^PatchEmbedding: expected images of at least one patch, 16x16 pixels, got {got}$"):
+            model(torch.rand(*shape))
+    with pytest.raises(ValueError, match=r"^ViT: expected image 1 to be at least one patch, 16x16 pixels, got \(0, 16\)$"):
+        model([torch.rand(3, 32, 32), torch.rand(3, 0, 16)])
+    with pytest.raises(ValueError, match=r"^ViT: expected image 0 to be at least one patch, 16x16 pixels, got \(16, 0\)$"):
+        model([torch.rand(1, 3, 16, 0)])
+    with pytest.raises(ValueError, match=r"^resample_pos_embed: expected a grid of at least 1x1 patches, got 0x3$"):
+        vit.resample_pos_embed(model.patch_embed.pos_embed, (0, 3), num_prefix_tokens=1)
+
 def test_mean_pooling_without_class_token():
     model = ViT(fused=False, class_token=False, pool="mean", **SMALL).eval()
     assert model.patch_embed.cls_token is None

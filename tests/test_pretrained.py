@@ -9,7 +9,9 @@ with timm's own on the shipped cat, prepared by timm's own transform.
 from __future__ import annotations
 
 import importlib
+import math
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -267,7 +269,10 @@ def _write(path: Path, content) -> Path:
     [
         ("missing.pth", None, "no checkpoint file at {path}"),
         ("weights.npz", b"", "expected a checkpoint file ending in .safetensors, .pth, .pt, .bin, got {path}"),
-        ("garbage.pth", b"not a pickle", r"not a checkpoint torch.load\(weights_only=True\) can read: {path} \(.*\)"),
+        ("garbage.pth", b"not a pickle",
+         (r"not a loadable checkpoint: {path} \(neither the zip archive nor the pickle that torch.save writes\); "
+          r"expected a state dict of tensors saved by torch.save \(.pth, .pt, .bin\) or safetensors \(.safetensors\)")),
+        ("empty.pth", b"", r"not a loadable checkpoint: {path} \(an empty file\); expected a state dict of tensors .*"),
         ("garbage.safetensors", b"\x00" * 16, r"not a .safetensors file safetensors can read: {path} \(.*\)"),
         ("training.pth", {"model": {}, "epoch": 3},
          r"expected a state dict \(parameter names to tensors\) in {path}, got a dict with keys \['model', 'epoch'\]"),
@@ -284,6 +289,103 @@ def test_unreadable_checkpoints_are_one_line(monkeypatch, capsys, tmp_path, name
     assert code == 2
     assert re.fullmatch("python -m vit: " + message.format(path=re.escape(str(path))) + "\n", err), err
 
+
+ACCEPTED = "expected a state dict of tensors saved by torch.save (.pth, .pt, .bin) or safetensors (.safetensors)"
+
+
+def _not_a_checkpoint(kind: str, path: Path, timm_tiny) -> str:
+    """Write a .pth file holding something else; the reason the one line gives for it."""
+    if kind == "safetensors":  # timm's tiny state dict as safetensors: torch.load raised KeyError: 53
+        safetensors_torch = pytest.importorskip("safetensors.torch")
+        path.write_bytes(safetensors_torch.save(timm_tiny.state_dict()))
+        return "it holds a safetensors file: rename it to end in .safetensors"
+    if kind == "text":  # torch.load raised KeyError: 101
+        path.write_text("here are the weights\n")
+        return "neither the zip archive nor the pickle that torch.save writes"
+    if kind == "plain pickle":  # torch warned "Detected pickle protocol 4" and advised weights_only=False
+        path.write_bytes(pickle.dumps({"pos_embed": [0.0, 1.0]}, protocol=4))
+        return "a pickle the weights-only unpickler cannot read: Unsupported operand 149"
+    torch.save(torch.nn.Linear(2, 2), path)  # a whole module: torch advised weights_only=False
+    return (
+        "it pickles a torch.nn.modules.linear.Linear, and only tensors and plain containers load without "
+        "running pickled code"
+    )
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "text", "plain pickle", "module"])
+def test_a_pth_file_holding_something_else_is_one_line_of_ours(monkeypatch, capsys, recwarn, tmp_path, timm_tiny, kind):
+    """Before: a KeyError traceback (safetensors or text under .pth), or torch's warning and its
+    advice to load with weights_only=False, which would run whatever code the pickle carries."""
+    path = tmp_path / "tiny.pth"
+    reason = _not_a_checkpoint(kind, path, timm_tiny)
+    code, _, err, _ = run_main(monkeypatch, capsys, "--model", TINY, "--weights", str(path))
+    assert code == 2
+    assert err == f"python -m vit: not a loadable checkpoint: {path} ({reason}); {ACCEPTED}\n"
+    assert [str(warning.message) for warning in recwarn if "pickle" in str(warning.message)] == []
+
+
+def test_a_plain_pickle_is_one_line_on_stderr_with_no_warning_and_no_advice(tmp_path, timm_tiny):
+    """The same through the command line: stderr holds our line, not torch's warning before it."""
+    path = tmp_path / "tiny.pth"
+    reason = _not_a_checkpoint("plain pickle", path, timm_tiny)
+    result = subprocess.run(
+        [sys.executable, "-m", "vit", "--model", TINY, "--weights", str(path), "--backend", "einsum"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr == f"python -m vit: not a loadable checkpoint: {path} ({reason}); {ACCEPTED}\n"
+    assert "weights_only" not in result.stderr
+
+
+def test_a_safetensors_file_holding_a_torch_checkpoint_says_so(monkeypatch, capsys, tmp_path, timm_tiny):
+    path = save_checkpoint(timm_tiny.state_dict(), tmp_path / "tiny.pth").rename(tmp_path / "tiny.safetensors")
+    code, _, err, _ = run_main(monkeypatch, capsys, "--model", TINY, "--weights", str(path))
+    assert code == 2
+    assert err == (
+        f"python -m vit: not a .safetensors file safetensors can read: {path} "
+        "(it holds a torch.save checkpoint: rename it to end in .pth)\n"
+    )
+
+
+def test_an_empty_weights_name_is_one_line(monkeypatch, capsys):
+    """Before: "got ." (Path("") is the current directory)."""
+    code, _, err, _ = run_main(monkeypatch, capsys, "--model", TINY, "--weights", "")
+    assert code == 2
+    assert err == (
+        "python -m vit: expected a checkpoint file ending in .safetensors, .pth, .pt, .bin, got an empty file name\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "filename, name, values, found",
+    [
+        ("timm.pth", "pos_embed", [math.nan], "1 NaN"),
+        ("timm.safetensors", "blocks.2.mlp.fc1.bias", [math.inf, -math.inf, math.nan], "1 NaN and 2 inf"),
+        ("vit.pth", "patch_embed.cls_token", [math.inf], "1 inf"),
+        ("--pretrained", "head.weight", [math.nan, math.nan], "2 NaN"),
+    ],
+)
+def test_weights_that_are_not_finite_are_refused_naming_the_tensor(
+    monkeypatch, capsys, tmp_path, timm_tiny, filename, name, values, found
+):
+    """Before: a top-5 of nan probabilities and exit status 0."""
+    state_dict = {key: tensor.clone() for key, tensor in timm_tiny.state_dict().items()}
+    if filename.startswith("vit"):
+        state_dict = {("patch_embed." + k if k in ("cls_token", "pos_embed") else k): v for k, v in state_dict.items()}
+    state_dict[name].view(-1)[: len(values)] = torch.tensor(values)
+    if filename == "--pretrained":
+        model = timm.create_model(TINY, pretrained=False)
+        model.load_state_dict(state_dict)
+        monkeypatch.setattr(timm, "create_model", lambda *args, **kwargs: model)
+        arguments, where = ["--pretrained"], "timm's pretrained timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    else:
+        path = save_checkpoint(state_dict, tmp_path / filename)
+        arguments, where = ["--weights", str(path)], f"checkpoint {path}"
+    code, out, err, _ = run_main(monkeypatch, capsys, "--model", TINY, *arguments)
+    assert code == 2, out
+    numel = state_dict[name].numel()
+    assert err == f"python -m vit: {where}: expected finite weights, got {found} of {numel} values in {name}\n"
+    assert "top-5" not in out
 
 def test_safetensors_without_the_package_is_one_line(monkeypatch, capsys, tmp_path):
     path = tmp_path / "tiny.safetensors"

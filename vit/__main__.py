@@ -11,10 +11,11 @@ resized to [0, 1] as in the tutorial. With CUDA, the fused and the reference bac
 side by side, and with real weights their top-5 must agree.
 
 Bad input (an image that is missing, unreadable or too large, a batch below 1 or too big for
-the free memory, weights that cannot be fetched or do not fit the model) ends in one line on
-stderr and exit status 2; a fused top-5 that differs from the reference's in exit status 1.
-The backend holds for this thread during the run (``kernels.use_backend``), so ``main()``
-leaves no global state behind.
+the free memory, weights that cannot be fetched, are not a checkpoint, hold NaN or infinity or
+do not fit the model, a VITRITON_BACKEND that names no backend) ends in one line on stderr and
+exit status 2; a fused top-5 that differs from the reference's in exit status 1. Without
+--backend the calling thread's backend runs (VITRITON_BACKEND's, else auto); it holds for this
+thread during the run (``kernels.use_backend``), so ``main()`` leaves no global state behind.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     weights.add_argument("--weights", metavar="FILE",
                          help="a checkpoint for NAME: timm's or vit's state dict, as .safetensors, .pth, .pt or .bin; "
                               "needs timm (preprocessing and class names)")
-    parser.add_argument("--backend", default="auto", choices=kernels.BACKENDS,
-                        help="triton (fused, CUDA), einsum (reference), auto (triton on CUDA, einsum on CPU)")
+    parser.add_argument("--backend", choices=kernels.BACKENDS,
+                        help="triton (fused, CUDA), einsum (reference), auto (triton on CUDA, einsum on CPU); "
+                             "default: VITRITON_BACKEND, else auto")
     parser.add_argument("--batch", type=int, default=1, help="repeat the image into a batch of N (default 1)")
     return parser.parse_args(argv)
 
@@ -160,9 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     packed = args.native or len(args.images) > 1
     if packed and args.batch != 1:
         return fail("--batch repeats one image; with several images or --native each image runs once, packed")
+    chosen_by = "--backend "
+    if args.backend is None:  # the calling thread's backend: VITRITON_BACKEND's, else auto
+        try:
+            args.backend = kernels.get_backend()
+        except ValueError as error:  # a VITRITON_BACKEND naming no backend
+            return fail(str(error))
+        chosen_by = "VITRITON_BACKEND="
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and args.backend == "triton":
-        return fail("--backend triton needs a CUDA GPU, and none is present")
+        return fail(f"{chosen_by}triton needs a CUDA GPU, and none is present")
     problem = memory_problem(args.model, args.batch, device)
     if problem:
         return fail(problem)

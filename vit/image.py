@@ -90,7 +90,7 @@ def load_image(
     height, width = _parse_size(size, Image.MAX_IMAGE_PIXELS)
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"load_image: interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
-    path = CAT_PATH if path is None else Path(path)
+    path = _image_path(path)
 
     try:
         # Pillow warns between MAX_IMAGE_PIXELS and twice that, and raises above: one limit here.
@@ -181,7 +181,7 @@ def image_size(path: str | os.PathLike | None = None) -> tuple[int, int]:
     """The (height, width) of the image file upright (after its EXIF orientation), without decoding it all."""
     from PIL import Image
 
-    path = CAT_PATH if path is None else Path(path)
+    path = _image_path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -195,6 +195,15 @@ def image_size(path: str | os.PathLike | None = None) -> tuple[int, int]:
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
         raise _too_many_pixels(path) from error
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+def _image_path(path: str | os.PathLike | None) -> Path:
+    """The file to read: the cat for None; an empty name is refused (``Path("")`` is the current directory)."""
+    if path is None:
+        return CAT_PATH
+    if os.fspath(path) == "":
+        raise ValueError("expected an image file, got an empty file name")
+    return Path(path)
 
 
 def _too_many_pixels(path: Path) -> ValueError:

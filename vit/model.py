@@ -128,6 +128,8 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_p
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     side = int(math.sqrt(grid.shape[1]) + 0.5)  # the grid it was made for is square
     height, width = new_grid[0], new_grid[1]
+    if height < 1 or width < 1:
+        raise ValueError(f"resample_pos_embed: expected a grid of at least 1x1 patches, got {height}x{width}")
     if height == side and width == side:
         return pos_embed
     embed_dim = grid.shape[2]
@@ -201,6 +203,8 @@ class PatchEmbedding(nn.Module):
     def pos_embed_for(self, height: int, width: int) -> torch.Tensor:
         """The position embeddings for an image of this size, resampled when its grid differs."""
         p = self.patch_size
+        if height < p or width < p:
+            raise ValueError(f"PatchEmbedding: expected images of at least one patch, {p}x{p} pixels, got {height}x{width}")
         if height % p or width % p:
             raise ValueError(f"PatchEmbedding: image sides must be multiples of the patch size {p}, got {height}x{width}")
         return resample_pos_embed(self.pos_embed, (height // p, width // p), self.num_prefix_tokens)
@@ -440,6 +444,10 @@ class ViT(nn.Module):
                 got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
                 raise ValueError(f"ViT: expected image {i} of shape (C, H, W) or (1, C, H, W), got {got}")
             patch = self.patch_embed.patch_size
+            if image.shape[-2] < patch or image.shape[-1] < patch:
+                raise ValueError(
+                    f"ViT: expected image {i} to be at least one patch, {patch}x{patch} pixels, got {tuple(image.shape[-2:])}"
+                )
             if image.shape[-1] % patch or image.shape[-2] % patch:
                 raise ValueError(
                     f"ViT: expected image {i}'s sides to be multiples of the patch size {patch}, got {tuple(image.shape[-2:])}"

@@ -16,8 +16,9 @@ cache, so ``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE`` work as for timm's users), eac
 pretrained config (input size, resize and crop, mean and std) and the ImageNet class names.
 A checkpoint file holds timm's state dict or ours (``vit.ViT``'s names: ``vit.timm_weights``),
 as ``.safetensors`` (tensors only, read without running code) or ``.pth``/``.pt``/``.bin``
-(``torch.load(weights_only=True)``, which refuses pickled code). Every failure is one line: an
-ImportError, a FileNotFoundError, an OSError from the hub, or a ValueError naming what did not fit.
+(``torch.load(weights_only=True)``, which refuses pickled code), with finite values only. Every
+failure is one line: an ImportError, a FileNotFoundError, an OSError from the hub, or a
+ValueError naming what did not fit (a file of another format, a tensor of another shape, a NaN).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import dataclasses
 import logging
 import os
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,6 +44,9 @@ from vit.timm_weights import (
 )
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+CHECKPOINT_FORMATS = "a state dict of tensors saved by torch.save (.pth, .pt, .bin) or safetensors (.safetensors)"
+# How torch.save's files begin: a zip archive, or (the legacy format) a pickle of protocol 2 or above.
+TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +137,10 @@ def load_pretrained(name: str) -> Weights:
     ]
     if differences:
         raise ValueError(f"timm's pretrained {source} is not the preset {name}: it has {', '.join(differences)}")
+    state_dict = timm_model.state_dict()
+    check_finite(state_dict, where=f"timm's pretrained {source}")
     return Weights(
-        state_dict=from_timm_state_dict(timm_model.state_dict(), config),
+        state_dict=from_timm_state_dict(state_dict, config),
         preprocessing=Preprocessing.from_timm(timm.data.resolve_model_data_config(timm_model)),
         class_names=imagenet_class_names(),
         source=source,
@@ -141,11 +149,14 @@ def load_pretrained(name: str) -> Weights:
 
 def load_weights_file(path: str | os.PathLike[str], name: str) -> Weights:
     """A checkpoint file's weights for the preset ``name``: timm's state dict or ours, told apart
-    by their names, every tensor checked against the preset. The preprocessing is timm's
-    pretrained config for ``name`` (the checkpoints of timm's names are trained that way)."""
+    by their names, every tensor checked against the preset and for NaN and infinity. The
+    preprocessing is timm's pretrained config for ``name`` (the checkpoints of timm's names are
+    trained that way)."""
     config = _preset(name)
     timm = _import_timm()  # before reading the file, which can take a while
-    state_dict, names = our_state_dict(read_checkpoint(path), config, where=f"checkpoint {path}")
+    checkpoint = read_checkpoint(path)
+    state_dict, names = our_state_dict(checkpoint, config, where=f"checkpoint {path}")
+    check_finite(checkpoint, where=f"checkpoint {path}")  # by the file's names
     pretrained_cfg = timm.models.get_pretrained_cfg(name)
     preprocessing = None
     if pretrained_cfg is not None:
@@ -154,7 +165,14 @@ def load_weights_file(path: str | os.PathLike[str], name: str) -> Weights:
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.safetensors``, ``.pth``, ``.pt`` or ``.bin`` file, on the CPU."""
+    """A state dict from a ``.safetensors``, ``.pth``, ``.pt`` or ``.bin`` file, on the CPU.
+
+    A file that holds something else (another format under one of these names, text, a pickle
+    of more than tensors) is a ValueError in our words: never torch's advice to load it
+    with ``weights_only=False``, which would run the code a pickle can carry.
+    """
+    if os.fspath(path) == "":
+        raise ValueError(f"expected a checkpoint file ending in {', '.join(CHECKPOINT_SUFFIXES)}, got an empty file name")
     path = Path(path)
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise ValueError(f"expected a checkpoint file ending in {', '.join(CHECKPOINT_SUFFIXES)}, got {path}")
@@ -171,18 +189,42 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         try:
             checkpoint = load_file(path, device="cpu")
         except SafetensorError as error:
-            raise ValueError(f"not a .safetensors file safetensors can read: {path} ({_first_line(error)})") from None
+            start = _file_start(path)
+            if not _is_safetensors(start) and start.startswith(TORCH_SAVE_MAGIC):
+                reason = "it holds a torch.save checkpoint: rename it to end in .pth"
+            else:
+                reason = _first_line(error)
+            raise ValueError(f"not a .safetensors file safetensors can read: {path} ({reason})") from None
     else:
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:  # not a pickle, or one holding more than tensors
-            raise ValueError(f"not a checkpoint torch.load(weights_only=True) can read: {path} ({_first_line(error)})") from None
-        except (RuntimeError, EOFError) as error:  # a truncated or corrupt zip archive
-            raise ValueError(f"not a checkpoint torch.load can read: {path} ({_first_line(error)})") from None
+            with warnings.catch_warnings():
+                # torch warns of a pickle protocol other than 2 before it reads or refuses the file.
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, MemoryError):  # the file could not be read, or is too big: the error says so
+            raise
+        except Exception as error:  # noqa: BLE001 - the unpickler fed other bytes raises KeyError, IndexError, ...
+            raise ValueError(
+                f"not a loadable checkpoint: {path} ({_why_torch_load_failed(path, error)}); expected {CHECKPOINT_FORMATS}"
+            ) from None
     if not isinstance(checkpoint, dict) or not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
         got = f"a dict with keys {_first_names(list(checkpoint))}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"expected a state dict (parameter names to tensors) in {path}, got {got}")
     return checkpoint
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], *, where: str = "check_finite") -> None:
+    """A ValueError naming the first tensor holding NaN or infinity: such weights give NaN
+    probabilities, not an error, so they are refused before the model runs."""
+    for name, tensor in state_dict.items():
+        if tensor.is_meta or not (tensor.is_floating_point() or tensor.is_complex()):
+            continue  # a shape without values, or integers
+        if torch.isfinite(tensor).all():
+            continue
+        nans = int(tensor.isnan().sum())
+        infinities = int((~torch.isfinite(tensor)).sum()) - nans
+        found = " and ".join(f"{count} {kind}" for count, kind in ((nans, "NaN"), (infinities, "inf")) if count)
+        raise ValueError(f"{where}: expected finite weights, got {found} of {tensor.numel()} values in {name}")
 
 
 def our_state_dict(
@@ -229,6 +271,37 @@ def _import_timm():
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _file_start(path: Path, size: int = 16) -> bytes:
+    with open(path, "rb") as file:
+        return file.read(size)
+
+
+def _is_safetensors(start: bytes) -> bool:
+    """Whether a file begins as safetensors' do: the header's length (8 bytes, little-endian), then its JSON."""
+    return len(start) > 8 and int.from_bytes(start[:8], "little") > 0 and start[8:9] == b"{"
+
+
+def _why_torch_load_failed(path: Path, error: Exception) -> str:
+    """What the file holds instead of a checkpoint, in words of our own: torch's message for a
+    refused pickle advises loading it with ``weights_only=False``, which runs any code it holds."""
+    start = _file_start(path)
+    if not start:
+        return "an empty file"
+    if _is_safetensors(start):
+        return "it holds a safetensors file: rename it to end in .safetensors"
+    if not start.startswith(TORCH_SAVE_MAGIC):
+        return "neither the zip archive nor the pickle that torch.save writes"
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if refused:
+        return f"it pickles a {refused[1]}, and only tensors and plain containers load without running pickled code"
+    if isinstance(error, pickle.UnpicklingError):  # what the unpickler met, past torch's advice
+        after = str(error).partition("WeightsUnpickler error:")[2].strip()
+        detail = after.splitlines()[0] if after else ""
+        return "a pickle the weights-only unpickler cannot read" + (f": {detail}" if detail else "")
+    detail = f"{type(error).__name__}: {_first_line(error)}" if str(error).strip() else type(error).__name__
+    return f"damaged, or not written by torch.save: {detail}"
 
 
 @contextlib.contextmanager

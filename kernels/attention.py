@@ -73,6 +73,11 @@ from kernels.triton_utils import INTERPRETING, autotune_configs, dot, rounded_to
 LOG2E = math.log2(math.e)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MASK_NONE, MASK_BOOL, MASK_BIAS = 0, 1, 2
+# The same, as the kernels read them (a jit function reads module globals only as constexprs).
+MASK_BOOL_KIND: tl.constexpr = tl.constexpr(MASK_BOOL)
+MASK_BIAS_KIND: tl.constexpr = tl.constexpr(MASK_BIAS)
+LOG2E_CONST: tl.constexpr = tl.constexpr(LOG2E)
+BIAS_FLOOR: tl.constexpr = tl.constexpr(-2.3e38)  # finite biases below it are raised to it: see _logits_base2
 
 # Autotune configs, pruned per launch by the kind of dot and the head-dim block BLOCK_D (the larger
 # of D's and Dv's, a power of two): a config is tried only where its table row lists it. The rows
@@ -202,15 +207,17 @@ def _logits_base2(
     allowed = (rows < seqlen_q) & (cols < seqlen_k)
     if IS_CAUSAL:
         allowed = allowed & (cols <= rows)
-    if MASK_KIND == 1:  # MASK_BOOL: True = may attend
+    if MASK_KIND == MASK_BOOL_KIND:  # True = may attend
         may_attend = tl.load(mask_ptr + rows * stride_mask_m + cols * stride_mask_n, mask=allowed, other=0)
         allowed = allowed & (may_attend != 0)
-    if MASK_KIND == 2:  # MASK_BIAS: added to the scaled logits
+    if MASK_KIND == MASK_BIAS_KIND:  # added to the scaled logits
         bias = tl.load(mask_ptr + rows * stride_mask_m + cols * stride_mask_n, mask=allowed, other=0.0).to(tl.float32)
         # Times log2(e) a bias of finfo(float32).min (Hugging Face's "masked") would overflow to -inf
-        # and zero a row the reference averages uniformly: finite biases stay finite.
-        bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2.3e38))
-        logits = logits + bias * 1.4426950408889634  # log2(e): the bias is in natural units
+        # and zero a row the reference averages uniformly: finite biases stay finite. Written as a
+        # comparison, not tl.maximum (which drops a NaN), so a NaN stays NaN and the row reads NaN,
+        # as in SDPA; -inf stays -inf.
+        bias = tl.where((bias < BIAS_FLOOR) & (bias != float("-inf")), BIAS_FLOOR, bias)
+        logits = logits + bias * LOG2E_CONST  # the bias is in natural units
     return tl.where(allowed, logits, float("-inf"))
 
 

@@ -272,6 +272,31 @@ def _check_attention_inputs(op, q, k, v, mask, scale, dropout_p, is_causal):
 
 
 # ---------------------------------------------------------------------------------------------
+# Autocast, as for PyTorch's SDPA: attention is one of autocast's lower-precision ops, so under
+# ``torch.autocast(device, dtype)`` every floating-point input (q, k, v, a float mask) that is
+# not float64 is cast to the autocast dtype (a bfloat16 q with float32 k and v runs), float64
+# stays float64, and the op runs with autocast off inside (the fallback's own float32 products
+# must not be cast down again).
+
+
+def _autocast_device(tensors) -> str | None:
+    """The device type whose autocast is on for these inputs, or None."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or first.device.type not in ("cuda", "cpu"):
+        return None
+    return first.device.type if torch.is_autocast_enabled(first.device.type) else None
+
+
+def _autocast_cast(device_type: str, tensors):
+    """Each floating-point tensor but a float64 one in the autocast dtype; the others as they came."""
+    low = torch.get_autocast_dtype(device_type)
+    return [
+        t.to(low) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
 # The public functions.
 
 
@@ -292,16 +317,27 @@ def attention(
     logits. The rest is keyword-only: ``scale`` (default D**-0.5; any finite real number, as
     PyTorch's SDPA takes) multiplies the logits before the softmax; ``dropout_p`` drops attention
     weights (pass 0 in eval); ``is_causal`` masks keys after the query (top-left aligned). A query
-    row with every key masked returns zeros. Bad input is a one-line TypeError (a wrong type or
+    row with every key masked returns zeros. Under ``torch.autocast`` it runs in the autocast dtype,
+    as SDPA (float64 inputs stay float64). Bad input is a one-line TypeError (a wrong type or
     dtype) or ValueError (a wrong shape, device or value), whatever the backend.
     """
-    scale, dropout_p, is_causal = _check_attention_inputs("attention", q, k, v, mask, scale, dropout_p, is_causal)
+    return _attention("attention", q, k, v, mask, scale, dropout_p, is_causal, backend)
+
+
+def _attention(op, q, k, v, mask, scale, dropout_p, is_causal, backend) -> torch.Tensor:
+    """``attention``, its errors naming ``op`` (the public function the caller used)."""
+    device_type = _autocast_device([q, k, v])
+    if device_type is not None:
+        q, k, v, mask = _autocast_cast(device_type, [q, k, v, mask])
+        with torch.autocast(device_type, enabled=False):
+            return _attention(op, q, k, v, mask, scale, dropout_p, is_causal, backend)
+    scale, dropout_p, is_causal = _check_attention_inputs(op, q, k, v, mask, scale, dropout_p, is_causal)
     from kernels.attention import cannot_take
 
     def kernel_cannot_take():
         return cannot_take(q, k, v, mask, dropout_p)
 
-    if pick_backend(backend, "attention", [q, k, v, mask], kernel_cannot_take) == "einsum":
+    if pick_backend(backend, op, [q, k, v, mask], kernel_cannot_take) == "einsum":
         return reference.attention_fallback(q, k, v, mask, scale, dropout_p, is_causal=is_causal)
     from kernels.attention import attention_triton
 
@@ -376,7 +412,7 @@ def scaled_dot_product_attention(
                 mask = to_4d(attn_mask.expand(full)) if attn_mask.dim() > 2 else attn_mask
             except RuntimeError:
                 raise ValueError(f"{op}: expected attn_mask broadcastable to {full}, got {tuple(attn_mask.shape)}") from None
-    out = attention(q, k, v, mask, scale=scale, dropout_p=dropout_p, is_causal=is_causal, backend=backend)
+    out = _attention(op, q, k, v, mask, scale, dropout_p, is_causal, backend)
     return out.reshape(*lead, *out.shape[-2:])
 
 
@@ -558,6 +594,14 @@ def attention_varlen(
     ``scale``, ``dropout_p`` and ``is_causal`` (top-left aligned per sequence) as ``attention``.
     """
     op = "attention_varlen"
+    device_type = _autocast_device([q, k, v])
+    if device_type is not None:
+        q, k, v = _autocast_cast(device_type, [q, k, v])
+        with torch.autocast(device_type, enabled=False):
+            return attention_varlen(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                scale=scale, dropout_p=dropout_p, is_causal=is_causal, backend=backend,
+            )
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(op, name, t)
         if t.dim() != 3:

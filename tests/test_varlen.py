@@ -271,3 +271,20 @@ def test_varlen_compiles_fullgraph_with_no_host_read(compile_backend, given):
     bad = torch.tensor([0, 8, 8, 7], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="cu_seqlens_q to start at 0, be non-decreasing"):
         compiled(q.detach(), k.detach(), v.detach(), bad, cu_k)
+
+
+@pytest.mark.parametrize("backend", ["einsum", "triton"])
+def test_varlen_causal_is_top_left_aligned_not_flash_attns_bottom_right(backend):
+    """Issue 19 item 7: query i sees keys j <= i of its sequence (SDPA's convention, as the README
+    says), which differs from flash-attn >= 2.1 (j <= i + Nk - Nq) whenever Nq != Nk."""
+    lengths_q, lengths_k = [3, 5], [6, 2]
+    q, k, v, cu_q, cu_k = packed(lengths_q, lengths_k, dtype=torch.float32)
+    got = kernels.attention_varlen(q, k, v, cu_q, cu_k, is_causal=True, backend=backend)
+    starts_q, starts_k = [0, 3], [0, 6]
+    for (nq, nk), sq, sk in zip(zip(lengths_q, lengths_k), starts_q, starts_k):
+        one = [t[s:s + n].transpose(0, 1)[None] for t, s, n in ((q, sq, nq), (k, sk, nk), (v, sk, nk))]
+        rows, cols = torch.arange(nq)[:, None], torch.arange(nk)[None, :]
+        top_left = attention_reference(*one, cols <= rows)[0].transpose(0, 1)
+        bottom_right = attention_reference(*one, cols <= rows + nk - nq)[0].transpose(0, 1)
+        torch.testing.assert_close(got[sq:sq + nq], top_left.float(), rtol=1e-4, atol=1e-5)
+        assert (got[sq:sq + nq] - bottom_right).abs().max() > 0.1

@@ -107,13 +107,13 @@ def recorded(call) -> list:
 
 def install_recorder():
     """Route every launch of the kernel modules to ``Recorder`` (for this process: run it in a
-    subprocess with TRITON_INTERPRET=0) and return the modules ``kernels.attention``, ``kernels.patch_embed``."""
+    subprocess with TRITON_INTERPRET=0) and return the modules ``kernels.triton.attention_ops``, ``kernels.triton.patch_embed``."""
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compiling needs TRITON_INTERPRET=0"
     torch.library.wrap_triton = Recorder  # the launchers' `torch.library.wrap_triton(kernel)[grid](...)`
-    import kernels.attention
-    import kernels.patch_embed  # noqa: F401
+    import kernels.triton.attention_ops
+    import kernels.triton.patch_embed  # noqa: F401
 
-    attention, patch_embed = sys.modules["kernels.attention"], sys.modules["kernels.patch_embed"]
+    attention, patch_embed = sys.modules["kernels.triton.attention_ops"], sys.modules["kernels.triton.patch_embed"]
     if not hasattr(attention.attention_forward, "_init_fn"):  # torch.library's CustomOpDef keeps the body there
         raise CannotCompile(f"torch {torch.__version__}: a triton_op's Python body is not reachable to record its launches")
     if not isinstance(attention._dropout_keep_mask_kernel, Recorder):  # launched directly, not wrapped
@@ -127,7 +127,7 @@ def attention_launches(
 ) -> list:
     """Forward, delta, dK/dV and dQ launches of ViT attention: q, k, v views of a fused qkv (B, N, 3, H, D),
     the upstream gradient in the (B, N, H, D) memory of the output."""
-    attention = sys.modules["kernels.attention"]
+    attention = sys.modules["kernels.triton.attention_ops"]
     meta = {"device": "meta", "dtype": dtype}
     qkv = torch.empty(batch, tokens, 3, heads, head_dim, **meta).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D) views
     q, k, v = qkv.unbind(0)
@@ -157,7 +157,7 @@ def attention_launches(
 def varlen_launches(lengths, heads, head_dim, dtype, is_causal=False, dropout_p=0.0, allow_tf32=False) -> list:
     """Forward, delta, dK/dV and dQ launches of packed attention (``kernels.attention_varlen``): q, k, v
     views of a fused qkv (total, 3, H, D) over sequences of ``lengths``."""
-    attention = sys.modules["kernels.attention"]
+    attention = sys.modules["kernels.triton.attention_ops"]
     meta = {"device": "meta", "dtype": dtype}
     total, longest = sum(lengths), max(lengths)
     q, k, v = torch.empty(total, 3, heads, head_dim, **meta).unbind(1)  # (total, H, D) views
@@ -180,7 +180,7 @@ def patch_embed_launches(
 ) -> list:
     """The patch projection forward and both backward GEMMs on NCHW images. ``grad_weight_splits``
     None: the split the launcher picks on an H100 (132 SMs)."""
-    patch_embed = sys.modules["kernels.patch_embed"]
+    patch_embed = sys.modules["kernels.triton.patch_embed"]
     n_patches = (image // patch) ** 2
     meta = {"device": "meta", "dtype": dtype}
     images = torch.empty(batch, channels, image, image, **meta)

@@ -18,9 +18,9 @@ Triton runs on CUDA tensors the kernels can take, the einsum fallback otherwise 
 # Linux only) the einsum reference still works; asking for the Triton backend then says Triton
 # is missing.
 try:
-    from kernels import attention as _attention_kernels  # noqa: F401
-    from kernels import patch_embed as _patch_embed_kernels  # noqa: F401
     from kernels import swap as _swap_module  # noqa: F401
+    from kernels.triton import attention_ops as _attention_kernels  # noqa: F401
+    from kernels.triton import patch_embed as _patch_embed_kernels  # noqa: F401
 except ImportError as error:  # pragma: no cover - only where triton is not installed
     if getattr(error, "name", "") != "triton":
         raise

@@ -1,7 +1,7 @@
 """The one place that picks the backend, checks the inputs, and says why.
 
 Three backends:
-  ``"triton"``  the fused kernels of ``kernels/attention.py`` and ``kernels/patch_embed.py``;
+  ``"triton"``  the fused kernels of ``kernels/triton/`` (attention and the patch projection);
                 CUDA tensors, or CPU tensors when Triton's interpreter is on
                 (``TRITON_INTERPRET=1``, how the tests run the real kernels without a GPU).
                 Input they cannot take is a one-line error.
@@ -25,6 +25,7 @@ import itertools
 import math
 import numbers
 import os
+import sys
 import warnings
 
 import torch
@@ -93,10 +94,18 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_PUBLIC_ENTRY_FILE = __file__
+
+
 def _warn_once(reason: str) -> None:
+    """Warn once per reason, at the line that called the public function (the first frame above
+    this file, however many of its own functions the call went through)."""
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"vitriton: using the einsum fallback: {reason}", stacklevel=4)
+        frame, level = sys._getframe(1), 2
+        while frame is not None and frame.f_code.co_filename == _PUBLIC_ENTRY_FILE:
+            frame, level = frame.f_back, level + 1
+        warnings.warn(f"vitriton: using the einsum fallback: {reason}", stacklevel=level)
 
 
 def _autograd_mode_problem(tensors: list[torch.Tensor]) -> str | None:
@@ -332,14 +341,14 @@ def _attention(op, q, k, v, mask, scale, dropout_p, is_causal, backend) -> torch
         with torch.autocast(device_type, enabled=False):
             return _attention(op, q, k, v, mask, scale, dropout_p, is_causal, backend)
     scale, dropout_p, is_causal = _check_attention_inputs(op, q, k, v, mask, scale, dropout_p, is_causal)
-    from kernels.attention import cannot_take
+    from kernels.triton.attention_ops import cannot_take
 
     def kernel_cannot_take():
         return cannot_take(q, k, v, mask, dropout_p)
 
     if pick_backend(backend, op, [q, k, v, mask], kernel_cannot_take) == "einsum":
         return reference.attention_fallback(q, k, v, mask, scale, dropout_p, is_causal=is_causal)
-    from kernels.attention import attention_triton
+    from kernels.triton.attention_ops import attention_triton
 
     return attention_triton(q, k, v, mask, scale, dropout_p, is_causal=is_causal)
 
@@ -471,7 +480,7 @@ def patch_embed(
             )
     if pick_backend(backend, op, list(present.values())) == "einsum":
         return reference.patch_embed_reference(images, weight, bias, cls_token, pos_embed)
-    from kernels.patch_embed import patch_embed_triton
+    from kernels.triton.patch_embed import patch_embed_triton
 
     return patch_embed_triton(images, weight, bias, cls_token, pos_embed)
 
@@ -648,7 +657,7 @@ def attention_varlen(
     max_seqlen_q = given_q if isinstance(given_q, int) else longest_q
     max_seqlen_k = given_k if isinstance(given_k, int) else longest_k
 
-    from kernels.attention import attention_varlen_triton, cannot_take_varlen
+    from kernels.triton.attention_ops import attention_varlen_triton, cannot_take_varlen
 
     def cannot_take():
         return cannot_take_varlen(q, k, v, max_seqlen_q, max_seqlen_k, dropout_p)

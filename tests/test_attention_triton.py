@@ -5,7 +5,6 @@ shapes; on a GPU the same tests compile them and add the full ViT sizes. Each co
 shared rule of ``tests.equivalence`` with one upstream gradient for the kernel and both references.
 """
 
-import importlib
 import math
 
 import pytest
@@ -16,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels.attention import attention_grid, attention_triton
 from kernels.reference import attention_reference
+from kernels.triton import attention_ops as attention_module
+from kernels.triton import configs as attention_configs
+from kernels.triton.attention_ops import attention_grid, attention_triton
 from tests.equivalence import DEVICE, DTYPES, ON_GPU, assert_close_to_reference
 
-# The module itself: ``kernels.attention`` is the dispatching function, which shares its name.
-attention_module = importlib.import_module("kernels.attention")
 f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="full ViT sizes: minutes in the interpreter, compiled on a GPU")
 needs_cuda_for_compile = pytest.mark.skipif(
@@ -499,7 +498,7 @@ def test_rule_fails_a_wrong_kernel(dtype):
 
 
 def every_config_index():
-    configs = (attention_module.FORWARD_CONFIGS, attention_module.BACKWARD_KV_CONFIGS, attention_module.BACKWARD_Q_CONFIGS)
+    configs = (attention_configs.FORWARD_CONFIGS, attention_configs.BACKWARD_KV_CONFIGS, attention_configs.BACKWARD_Q_CONFIGS)
     return range(max(len(c) for c in configs))
 
 
@@ -509,9 +508,9 @@ def test_every_autotune_config_computes_the_same(index, monkeypatch):
     forward config (with a backward pair) on lengths that are no multiple of any block, causal
     with both Nq < Nk and Nq > Nk, a bias gradient and dropout."""
     kernels_and_configs = [
-        (attention_module._attention_forward_kernel, attention_module.FORWARD_CONFIGS),
-        (attention_module._attention_backward_kv_kernel, attention_module.BACKWARD_KV_CONFIGS),
-        (attention_module._attention_backward_q_kernel, attention_module.BACKWARD_Q_CONFIGS),
+        (attention_module._attention_forward_kernel, attention_configs.FORWARD_CONFIGS),
+        (attention_module._attention_backward_kv_kernel, attention_configs.BACKWARD_KV_CONFIGS),
+        (attention_module._attention_backward_q_kernel, attention_configs.BACKWARD_Q_CONFIGS),
     ]
     for kernel, configs in kernels_and_configs:
         monkeypatch.setattr(kernel, "configs", [configs[index % len(configs)]])  # one config: no tuning
@@ -529,9 +528,9 @@ def test_every_autotune_config_on_the_lean_path(index, monkeypatch):
     from tests.test_varlen_triton import check_varlen, packed_inputs
 
     kernels_and_configs = [
-        (attention_module._attention_forward_kernel, attention_module.FORWARD_CONFIGS),
-        (attention_module._attention_backward_kv_kernel, attention_module.BACKWARD_KV_CONFIGS),
-        (attention_module._attention_backward_q_kernel, attention_module.BACKWARD_Q_CONFIGS),
+        (attention_module._attention_forward_kernel, attention_configs.FORWARD_CONFIGS),
+        (attention_module._attention_backward_kv_kernel, attention_configs.BACKWARD_KV_CONFIGS),
+        (attention_module._attention_backward_q_kernel, attention_configs.BACKWARD_Q_CONFIGS),
     ]
     for kernel, configs in kernels_and_configs:
         monkeypatch.setattr(kernel, "configs", [configs[index % len(configs)]])

@@ -14,12 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels.patch_embed import _grad_weight, patch_embed_triton
 from kernels.reference import patch_embed_reference
+from kernels.triton.patch_embed import _grad_weight, patch_embed_triton
 from tests.equivalence import DEVICE, ON_GPU, assert_close_to_reference
 
 # The module, not the function `kernels.patch_embed` that the package binds over its name.
-patch_embed_module = importlib.import_module("kernels.patch_embed")
+patch_embed_module = importlib.import_module("kernels.triton.patch_embed")
 
 NAMES = ("images", "weight", "bias", "cls_token", "pos_embed")
 f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32

@@ -38,8 +38,8 @@ from kernels.reference import attention_reference, patch_embed_reference
 from tests.equivalence import DEVICE, DTYPES, ON_GPU, assert_close_to_reference
 from vit.model import MultiHeadAttention, PatchEmbedding, ViT
 
-# The modules, not the functions ``kernels.attention`` / ``kernels.patch_embed`` bound over their names.
-attention_module = importlib.import_module("kernels.attention")
+# The module that launches the attention kernels (its kernel objects are patched below).
+attention_module = importlib.import_module("kernels.triton.attention_ops")
 vit_main = importlib.import_module("vit.__main__")
 
 ROOT = Path(__file__).resolve().parents[1]

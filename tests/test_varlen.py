@@ -221,7 +221,7 @@ def test_varlen_cache_of_checked_cu_seqlens_is_not_fooled_by_reused_storage():
     A stand-in for the caching allocator: a second tensor over the same storage, same count and
     total, different values (one invalid: a length of -1 must be refused, not served stale facts).
     """
-    q, k, v, cu_q, cu_k = packed([3, 4], [3, 4], dtype=torch.float32)
+    q, k, v, _, _ = packed([3, 4], [3, 4], dtype=torch.float32)
     import numpy as np
 
     memory = np.array([0, 3, 7], dtype=np.int32)

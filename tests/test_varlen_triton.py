@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels.attention import attention_varlen_triton
 from kernels.reference import attention_varlen_reference
+from kernels.triton.attention_ops import attention_varlen_triton
 from tests.equivalence import DEVICE, ON_GPU, assert_close_to_reference
 
 f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.triton_utils import INTERPRETING, autotune_configs, dot, rounded_to
+from kernels.triton.utils import INTERPRETING, autotune_configs, dot, rounded_to
 
 
 def _configs(sizes: list[tuple[int, int, int, int, int]], names: tuple[str, str, str]) -> list[triton.Config]:

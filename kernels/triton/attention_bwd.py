@@ -1,0 +1,433 @@
+"""The attention backward kernels: a pre-pass ``delta = rowsum(out * grad_out)``, then one kernel
+over key blocks for dK and dV and one over query blocks for dQ (and the bias gradient), both
+recomputing the probabilities from the saved log-sum-exp: no atomics, no (Nq, Nk) matrix kept.
+Also the kernel that writes the dropout keep mask the others draw, for tests. Launched by
+``kernels/triton/attention_ops.py``.
+"""
+
+import triton
+import triton.language as tl
+
+from kernels.triton.configs import (
+    _AUTOTUNE_KEY,
+    _BACKWARD_KV_TABLE,
+    _BACKWARD_Q_TABLE,
+    _INTERPRETER_BACKWARD_KV_CONFIG,
+    _INTERPRETER_BACKWARD_Q_CONFIG,
+    BACKWARD_KV_CONFIGS,
+    BACKWARD_Q_CONFIGS,
+    _pruner,
+)
+from kernels.triton.tiles import (
+    _dropout_keep,
+    _head_seed,
+    _load_rows,
+    _logits_base2,
+    _offsets,
+    _sequence,
+    _slice_offset,
+    _store_rows,
+)
+from kernels.triton.utils import autotune_configs, dot, rounded_to
+
+
+@triton.jit
+def _attention_backward_delta_kernel(
+    out_ptr, grad_out_ptr, delta_ptr,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    n_heads, seqlen_q,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(out * grad_out): the softmax backward's row term, dropout included."""
+    n_row_blocks = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    row_block = pid % n_row_blocks
+    batch_head = pid // n_row_blocks
+    batch = (batch_head // n_heads).to(tl.int64)
+    head = (batch_head % n_heads).to(tl.int64)
+    out_ptr += _slice_offset(batch, head, stride_ob, stride_oh, ROW_ALIGN)
+    grad_out_ptr += _slice_offset(batch, head, stride_gb, stride_gh, ROW_ALIGN)
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    out = _load_rows(out_ptr, rows, stride_om, seqlen_q, stride_od, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, True, False)
+    grad_out = _load_rows(
+        grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, True, False
+    )  # (BLOCK_M, BLOCK_DV)
+    delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
+    tl.store(delta_ptr + batch_head.to(tl.int64) * seqlen_q + rows, delta, mask=rows < seqlen_q)
+
+
+@triton.jit
+def _backward_kv_block(
+    grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m, q_ptr, grad_out_ptr, stats_ptr, delta_ptr,
+    mask_ptr, head_seed, keep_scale,
+    stride_qm, stride_qd, stride_gm, stride_gd, stride_maskm, stride_maskn, stride_stats,
+    seqlen_q, seqlen_k, scale_log2e, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SPLIT_D: tl.constexpr,
+    BLOCK_D_LO: tl.constexpr,
+):
+    """dK and dV of the program's keys, summed over the query rows start_m + [0, BLOCK_M): updated.
+    SPLIT_D: the head dim's second piece in k_lo, v_lo, grad_k_lo, grad_v_lo (else passed through)."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    q_t = _load_rows(
+        q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D, ROW_ALIGN, MASKED, True
+    )  # (BLOCK_D, BLOCK_M)
+    grad_out = _load_rows(
+        grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, MASKED, False
+    )  # (BLOCK_M, BLOCK_DV)
+    q_lo_t, grad_out_lo = q_t, grad_out
+    if SPLIT_D:
+        q_lo_t = _load_rows(
+            q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, MASKED, True, BLOCK_D
+        )  # (BLOCK_D_LO, BLOCK_M)
+        grad_out_lo = _load_rows(
+            grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN, MASKED, False,
+            BLOCK_DV,
+        )  # (BLOCK_M, BLOCK_D_LO)
+    if MASKED:
+        row_max = tl.load(stats_ptr + rows, mask=rows < seqlen_q, other=0.0)
+        log2_row_sum = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
+        delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
+    else:
+        row_max = tl.load(stats_ptr + rows)
+        log2_row_sum = tl.load(stats_ptr + stride_stats + rows)
+        delta = tl.load(delta_ptr + rows)
+    qk_t = dot(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+    if SPLIT_D:
+        qk_t = dot(k_lo, q_lo_t, qk_t, EXACT_FP32_DOTS, UPCAST_DOTS)
+    if MASKED:
+        logits_t = _logits_base2(
+            qk_t, rows[None, :], cols[:, None], mask_ptr, stride_maskm, stride_maskn,
+            seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
+        )  # (BLOCK_N, BLOCK_M)
+        probs_t = tl.exp2(logits_t - row_max[None, :] - log2_row_sum[None, :])
+    else:
+        probs_t = tl.exp2(qk_t * scale_log2e - row_max[None, :] - log2_row_sum[None, :])
+    # d(logits) = P * (dP - delta), dP = grad_out v^T times the dropout's keep / (1 - p).
+    grad_probs_t = dot(v, tl.trans(grad_out), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+    if SPLIT_D:
+        grad_probs_t = dot(v_lo, tl.trans(grad_out_lo), grad_probs_t, EXACT_FP32_DOTS, UPCAST_DOTS)
+    if HAS_DROPOUT:
+        keep_t = _dropout_keep(head_seed, rows[None, :], cols[:, None], seqlen_k, dropout_p)
+        kept_probs_t = tl.where(keep_t, probs_t * keep_scale, 0.0)
+        grad_probs_t = tl.where(keep_t, grad_probs_t * keep_scale, 0.0)
+    else:
+        kept_probs_t = probs_t
+    kept_probs_t = rounded_to(kept_probs_t, grad_out_ptr, UPCAST_DOTS)
+    grad_v = dot(kept_probs_t, grad_out, grad_v, EXACT_FP32_DOTS, UPCAST_DOTS)
+    grad_logits_t = rounded_to(probs_t * (grad_probs_t - delta[None, :]), q_ptr, UPCAST_DOTS)
+    grad_k = dot(grad_logits_t, tl.trans(q_t), grad_k, EXACT_FP32_DOTS, UPCAST_DOTS)
+    if SPLIT_D:
+        grad_v_lo = dot(kept_probs_t, grad_out_lo, grad_v_lo, EXACT_FP32_DOTS, UPCAST_DOTS)
+        grad_k_lo = dot(grad_logits_t, tl.trans(q_lo_t), grad_k_lo, EXACT_FP32_DOTS, UPCAST_DOTS)
+    return grad_k, grad_v, grad_k_lo, grad_v_lo
+
+
+@triton.autotune(
+    configs=autotune_configs(BACKWARD_KV_CONFIGS, _INTERPRETER_BACKWARD_KV_CONFIG),
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _pruner(_BACKWARD_KV_TABLE, split_as_padded=True)},
+)
+@triton.jit
+def _attention_backward_kv_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, grad_out_ptr, stats_ptr, delta_ptr, grad_k_ptr, grad_v_ptr,
+    cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_stats, stride_stats_b, stride_stats_h, n_heads, seqlen_q, seqlen_k, scale, scale_log2e, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr, VARLEN: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK and dV of one block of BLOCK_N keys, summed over every query row; tiles are (keys, queries).
+    The delta and statistics share one layout (``stride_stats_b``, ``stride_stats_h``)."""
+    n_col_blocks = tl.cdiv(seqlen_k, BLOCK_N)
+    pid = tl.program_id(0)
+    col_block = pid % n_col_blocks
+    batch_head = pid // n_col_blocks
+    batch = (batch_head // n_heads).to(tl.int64)
+    head = (batch_head % n_heads).to(tl.int64)
+    q_ptr += _slice_offset(batch, head, stride_qb, stride_qh, ROW_ALIGN)
+    k_ptr += _slice_offset(batch, head, stride_kb, stride_kh, ROW_ALIGN)
+    v_ptr += _slice_offset(batch, head, stride_vb, stride_vh, ROW_ALIGN)
+    mask_ptr += batch * stride_maskb + head * stride_maskh
+    grad_out_ptr += _slice_offset(batch, head, stride_gb, stride_gh, ROW_ALIGN)
+    grad_k_ptr += _slice_offset(batch, head, stride_dkb, stride_dkh, ROW_ALIGN)
+    grad_v_ptr += _slice_offset(batch, head, stride_dvb, stride_dvh, ROW_ALIGN)
+    stats_ptr += batch * stride_stats_b + head * stride_stats_h
+    delta_ptr += batch * stride_stats_b + head * stride_stats_h
+    if VARLEN:
+        start_q, seqlen_q = _sequence(cu_seqlens_q_ptr, batch)
+        start_k, seqlen_k = _sequence(cu_seqlens_k_ptr, batch)
+        if col_block * BLOCK_N >= seqlen_k:  # a block past this sequence's end
+            return
+        q_ptr += _offsets(start_q, stride_qm, ROW_ALIGN)
+        grad_out_ptr += _offsets(start_q, stride_gm, ROW_ALIGN)
+        stats_ptr += start_q
+        delta_ptr += start_q
+        k_ptr += _offsets(start_k, stride_kn, ROW_ALIGN)
+        v_ptr += _offsets(start_k, stride_vn, ROW_ALIGN)
+        grad_k_ptr += _offsets(start_k, stride_dkn, ROW_ALIGN)
+        grad_v_ptr += _offsets(start_k, stride_dvn, ROW_ALIGN)
+
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D, ROW_ALIGN, True, False)
+    v = _load_rows(v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, True, False)
+    head_seed = 0
+    keep_scale = 1.0
+    if HAS_DROPOUT:
+        head_seed = _head_seed(seed_ptr, batch_head)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+
+    grad_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    grad_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    k_lo, v_lo, grad_k_lo, grad_v_lo = k, v, grad_k, grad_v  # passed through unless SPLIT_D
+    if SPLIT_D:
+        k_lo = _load_rows(k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, True, False, BLOCK_D)
+        v_lo = _load_rows(
+            v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN, True, False, BLOCK_DV
+        )
+        grad_k_lo = tl.zeros([BLOCK_N, BLOCK_D_LO], tl.float32)
+        grad_v_lo = tl.zeros([BLOCK_N, BLOCK_D_LO], tl.float32)
+    if MASK_KIND == 0 and not IS_CAUSAL and not EXACT_FP32_DOTS:  # the lean body (see above)
+        lean_end = seqlen_q // BLOCK_M * BLOCK_M  # the whole row blocks
+        for start_m in range(0, lean_end, BLOCK_M):
+            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
+                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
+                head_seed, keep_scale, stride_qm, stride_qd, stride_gm, stride_gd, stride_maskm, stride_maskn,
+                stride_stats, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, False, SPLIT_D, BLOCK_D_LO,
+            )
+        if lean_end < seqlen_q:  # the last, partial row block
+            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
+                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, lean_end, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
+                head_seed, keep_scale, stride_qm, stride_qd, stride_gm, stride_gd, stride_maskm, stride_maskn,
+                stride_stats, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
+            )
+    else:
+        row_start = 0
+        if IS_CAUSAL:
+            row_start = (col_block * BLOCK_N // BLOCK_M) * BLOCK_M  # rows above the block's first key see none of it
+        for start_m in range(row_start, seqlen_q, BLOCK_M):
+            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
+                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
+                head_seed, keep_scale, stride_qm, stride_qd, stride_gm, stride_gd, stride_maskm, stride_maskn,
+                stride_stats, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
+            )
+
+    _store_rows(grad_k_ptr, cols, stride_dkn, seqlen_k, stride_dkd, grad_k * scale, HEAD_DIM, BLOCK_D, ROW_ALIGN, UPCAST_DOTS)
+    _store_rows(grad_v_ptr, cols, stride_dvn, seqlen_k, stride_dvd, grad_v, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, UPCAST_DOTS)
+    if SPLIT_D:
+        _store_rows(
+            grad_k_ptr, cols, stride_dkn, seqlen_k, stride_dkd, grad_k_lo * scale, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN,
+            UPCAST_DOTS, BLOCK_D,
+        )
+        _store_rows(
+            grad_v_ptr, cols, stride_dvn, seqlen_k, stride_dvd, grad_v_lo, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN,
+            UPCAST_DOTS, BLOCK_DV,
+        )
+
+
+@triton.jit
+def _backward_q_block(
+    grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n, k_ptr, v_ptr, mask_ptr, grad_bias_ptr,
+    head_seed, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
+    seqlen_q, seqlen_k, scale_log2e, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_NEEDS_GRAD: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SPLIT_D: tl.constexpr,
+    BLOCK_D_LO: tl.constexpr,
+):
+    """dQ of the program's query rows over the keys start_n + [0, BLOCK_N), and their bias gradient.
+    SPLIT_D: the head dim's second piece in q_lo, grad_out_lo, grad_q_lo (else passed through)."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k_t = _load_rows(
+        k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D, ROW_ALIGN, MASKED, True
+    )  # (BLOCK_D, BLOCK_N)
+    v_t = _load_rows(
+        v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, MASKED, True
+    )  # (BLOCK_DV, BLOCK_N)
+    qk = dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+    k_lo_t = k_t
+    if SPLIT_D:
+        k_lo_t = _load_rows(
+            k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, MASKED, True, BLOCK_D
+        )  # (BLOCK_D_LO, BLOCK_N)
+        v_lo_t = _load_rows(
+            v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN, MASKED, True, BLOCK_DV
+        )  # (BLOCK_D_LO, BLOCK_N)
+        qk = dot(q_lo, k_lo_t, qk, EXACT_FP32_DOTS, UPCAST_DOTS)
+    if MASKED:
+        logits = _logits_base2(
+            qk, rows[:, None], cols[None, :], mask_ptr, stride_maskm, stride_maskn,
+            seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
+        )  # (BLOCK_M, BLOCK_N)
+        probs = tl.exp2(logits - row_max[:, None] - log2_row_sum[:, None])
+    else:
+        probs = tl.exp2(qk * scale_log2e - row_max[:, None] - log2_row_sum[:, None])
+    grad_probs = dot(grad_out, v_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+    if SPLIT_D:
+        grad_probs = dot(grad_out_lo, v_lo_t, grad_probs, EXACT_FP32_DOTS, UPCAST_DOTS)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(head_seed, rows[:, None], cols[None, :], seqlen_k, dropout_p)
+        grad_probs = tl.where(keep, grad_probs * keep_scale, 0.0)
+    grad_logits = probs * (grad_probs - delta[:, None])  # (BLOCK_M, BLOCK_N)
+    if BIAS_NEEDS_GRAD:
+        tl.store(
+            grad_bias_ptr + rows[:, None] * seqlen_k + cols[None, :], grad_logits,
+            mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k),
+        )
+    grad_logits = rounded_to(grad_logits, k_ptr, UPCAST_DOTS)
+    grad_q = dot(grad_logits, tl.trans(k_t), grad_q, EXACT_FP32_DOTS, UPCAST_DOTS)
+    if SPLIT_D:
+        grad_q_lo = dot(grad_logits, tl.trans(k_lo_t), grad_q_lo, EXACT_FP32_DOTS, UPCAST_DOTS)
+    return grad_q, grad_q_lo
+
+
+@triton.autotune(
+    configs=autotune_configs(BACKWARD_Q_CONFIGS, _INTERPRETER_BACKWARD_Q_CONFIG),
+    key=_AUTOTUNE_KEY + ["BIAS_NEEDS_GRAD"],
+    prune_configs_by={"early_config_prune": _pruner(_BACKWARD_Q_TABLE)},
+)
+@triton.jit
+def _attention_backward_q_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, grad_out_ptr, stats_ptr, delta_ptr, grad_q_ptr, grad_bias_ptr,
+    cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_stats, stride_stats_b, stride_stats_h, n_heads, seqlen_q, seqlen_k, scale, scale_log2e, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_NEEDS_GRAD: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr, VARLEN: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of one block of BLOCK_M query rows, and the bias gradient d(logits) of those rows."""
+    n_row_blocks = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    row_block = n_row_blocks - 1 - pid % n_row_blocks  # heaviest causal blocks first, as in the forward
+    batch_head = pid // n_row_blocks
+    batch = (batch_head // n_heads).to(tl.int64)
+    head = (batch_head % n_heads).to(tl.int64)
+    q_ptr += _slice_offset(batch, head, stride_qb, stride_qh, ROW_ALIGN)
+    k_ptr += _slice_offset(batch, head, stride_kb, stride_kh, ROW_ALIGN)
+    v_ptr += _slice_offset(batch, head, stride_vb, stride_vh, ROW_ALIGN)
+    mask_ptr += batch * stride_maskb + head * stride_maskh
+    grad_out_ptr += _slice_offset(batch, head, stride_gb, stride_gh, ROW_ALIGN)
+    grad_q_ptr += _slice_offset(batch, head, stride_dqb, stride_dqh, ROW_ALIGN)
+    grad_bias_ptr += batch_head.to(tl.int64) * seqlen_q * seqlen_k  # a contiguous (B, H, Nq, Nk) tensor
+    stats_ptr += batch * stride_stats_b + head * stride_stats_h
+    delta_ptr += batch * stride_stats_b + head * stride_stats_h
+    if VARLEN:  # no bias: grad_bias_ptr is not used
+        start_q, seqlen_q = _sequence(cu_seqlens_q_ptr, batch)
+        start_k, seqlen_k = _sequence(cu_seqlens_k_ptr, batch)
+        if row_block * BLOCK_M >= seqlen_q:  # a block past this sequence's end
+            return
+        q_ptr += _offsets(start_q, stride_qm, ROW_ALIGN)
+        grad_out_ptr += _offsets(start_q, stride_gm, ROW_ALIGN)
+        grad_q_ptr += _offsets(start_q, stride_dqm, ROW_ALIGN)
+        stats_ptr += start_q
+        delta_ptr += start_q
+        k_ptr += _offsets(start_k, stride_kn, ROW_ALIGN)
+        v_ptr += _offsets(start_k, stride_vn, ROW_ALIGN)
+
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    q = _load_rows(q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D, ROW_ALIGN, True, False)
+    grad_out = _load_rows(
+        grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, True, False
+    )  # (BLOCK_M, BLOCK_DV)
+    row_max = tl.load(stats_ptr + rows, mask=rows < seqlen_q, other=0.0)
+    log2_row_sum = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
+    delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
+    head_seed = 0
+    keep_scale = 1.0
+    if HAS_DROPOUT:
+        head_seed = _head_seed(seed_ptr, batch_head)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+
+    grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    q_lo, grad_out_lo, grad_q_lo = q, grad_out, grad_q  # passed through unless SPLIT_D
+    if SPLIT_D:
+        q_lo = _load_rows(q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, True, False, BLOCK_D)
+        grad_out_lo = _load_rows(
+            grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN, True, False, BLOCK_DV
+        )
+        grad_q_lo = tl.zeros([BLOCK_M, BLOCK_D_LO], tl.float32)
+    if MASK_KIND == 0 and not IS_CAUSAL and not EXACT_FP32_DOTS:  # the lean body (see above)
+        lean_end = seqlen_k // BLOCK_N * BLOCK_N  # the whole blocks
+        for start_n in range(0, lean_end, BLOCK_N):
+            grad_q, grad_q_lo = _backward_q_block(
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n, k_ptr, v_ptr, mask_ptr,
+                grad_bias_ptr, head_seed, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_maskm, stride_maskn, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, BIAS_NEEDS_GRAD,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, False, SPLIT_D, BLOCK_D_LO,
+            )
+        if lean_end < seqlen_k:  # the last, partial block
+            grad_q, grad_q_lo = _backward_q_block(
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, lean_end, k_ptr, v_ptr, mask_ptr,
+                grad_bias_ptr, head_seed, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_maskm, stride_maskn, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, BIAS_NEEDS_GRAD,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
+            )
+    else:
+        key_end = seqlen_k
+        if IS_CAUSAL:
+            key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)
+        for start_n in range(0, key_end, BLOCK_N):
+            grad_q, grad_q_lo = _backward_q_block(
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n, k_ptr, v_ptr, mask_ptr,
+                grad_bias_ptr, head_seed, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_maskm, stride_maskn, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, BIAS_NEEDS_GRAD,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
+            )
+
+    _store_rows(grad_q_ptr, rows, stride_dqm, seqlen_q, stride_dqd, grad_q * scale, HEAD_DIM, BLOCK_D, ROW_ALIGN, UPCAST_DOTS)
+    if SPLIT_D:
+        _store_rows(
+            grad_q_ptr, rows, stride_dqm, seqlen_q, stride_dqd, grad_q_lo * scale, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN,
+            UPCAST_DOTS, BLOCK_D,
+        )
+
+
+@triton.jit
+def _dropout_keep_mask_kernel(
+    seed_ptr, keep_ptr, first_batch_head, seqlen_q, seqlen_k, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Write the keep decisions of the attention kernels into a contiguous (B, H, Nq, Nk) uint8 tensor;
+    its (batch, head) slices are the kernels' first_batch_head onwards (a packed sequence's heads)."""
+    n_row_blocks = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    row_block = pid % n_row_blocks
+    batch_head = pid // n_row_blocks
+    head_seed = _head_seed(seed_ptr, first_batch_head + batch_head)
+    keep_ptr += batch_head.to(tl.int64) * seqlen_q * seqlen_k
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(head_seed, rows[:, None], cols[None, :], seqlen_k, dropout_p)
+        tl.store(
+            keep_ptr + rows[:, None] * seqlen_k + cols[None, :], keep.to(tl.uint8),
+            mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k),
+        )

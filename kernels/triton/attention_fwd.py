@@ -1,0 +1,206 @@
+"""The attention forward kernel: FlashAttention-2's online softmax over blocks of keys.
+
+One program per block of BLOCK_M query rows of one (batch, head), or of one packed sequence:
+walk the keys in blocks of BLOCK_N keeping a running row maximum ``m``, row sum ``l`` and an
+fp32 accumulator, rescaled when the maximum grows. Exponentials are base 2 (``exp2``, the scale
+folded into ``scale * log2(e)``), and the row log-sum-exp (base 2, ``m + log2(l)``) is saved for
+the backward as its two terms, so that a huge ``m`` (a bias of finfo.min) cannot round
+``log2(l)`` away. Launched by ``kernels/triton/attention_ops.py``.
+"""
+
+import triton
+import triton.language as tl
+
+from kernels.triton.configs import (
+    _AUTOTUNE_KEY,
+    _FORWARD_TABLE,
+    _INTERPRETER_FORWARD_CONFIG,
+    FORWARD_CONFIGS,
+    _pruner,
+)
+from kernels.triton.tiles import (
+    _dropout_keep,
+    _head_seed,
+    _load_rows,
+    _logits_base2,
+    _offsets,
+    _sequence,
+    _slice_offset,
+)
+from kernels.triton.utils import autotune_configs, dot, rounded_to
+
+
+@triton.jit
+def _forward_block(
+    acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr, head_seed,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
+    seqlen_q, seqlen_k, scale_log2e, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SPLIT_D: tl.constexpr,
+    BLOCK_D_LO: tl.constexpr,
+):
+    """The online softmax over the keys start_n + [0, BLOCK_N): (acc, acc_lo, row_sum, row_max) updated.
+
+    SPLIT_D (see ``_head_dim_split``): the head dim in two pieces, BLOCK_D then BLOCK_D_LO columns;
+    q and q_lo, acc and acc_lo hold them, and each dot is two. Otherwise q_lo and acc_lo pass through.
+    """
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k_t = _load_rows(
+        k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D, ROW_ALIGN, MASKED, True
+    )  # (BLOCK_D, BLOCK_N)
+    qk = dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+    if SPLIT_D:
+        k_lo_t = _load_rows(
+            k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, MASKED, True, BLOCK_D
+        )  # (BLOCK_D_LO, BLOCK_N)
+        qk = dot(q_lo, k_lo_t, qk, EXACT_FP32_DOTS, UPCAST_DOTS)
+    if MASKED:
+        logits = _logits_base2(
+            qk, rows[:, None], cols[None, :], mask_ptr, stride_maskm, stride_maskn,
+            seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
+        )  # (BLOCK_M, BLOCK_N)
+        block_max = tl.max(logits, 1)
+    else:  # the scale is >= 0 here: the largest logit is the largest product, scaled
+        block_max = tl.max(qk, 1) * scale_log2e
+    new_max = tl.maximum(row_max, block_max)
+    # A row with no allowed key so far has a maximum of -inf: subtract 0 instead (no NaN).
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescale = tl.exp2(row_max - shift)
+    if MASKED:
+        probs = tl.exp2(logits - shift[:, None])
+    else:
+        probs = tl.exp2(qk * scale_log2e - shift[:, None])  # one FFMA per score
+    row_sum = row_sum * rescale + tl.sum(probs, 1)
+    if HAS_DROPOUT:
+        probs = tl.where(_dropout_keep(head_seed, rows[:, None], cols[None, :], seqlen_k, dropout_p), probs, 0.0)
+    v = _load_rows(
+        v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, MASKED, False
+    )  # (BLOCK_N, BLOCK_DV)
+    probs = rounded_to(probs, v_ptr, UPCAST_DOTS)
+    acc = dot(probs, v, acc * rescale[:, None], EXACT_FP32_DOTS, UPCAST_DOTS)
+    if SPLIT_D:
+        v_lo = _load_rows(
+            v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN, MASKED, False, BLOCK_DV
+        )  # (BLOCK_N, BLOCK_D_LO)
+        acc_lo = dot(probs, v_lo, acc_lo * rescale[:, None], EXACT_FP32_DOTS, UPCAST_DOTS)
+    return acc, acc_lo, row_sum, new_max
+
+
+@triton.autotune(
+    configs=autotune_configs(FORWARD_CONFIGS, _INTERPRETER_FORWARD_CONFIG),
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _pruner(_FORWARD_TABLE)},
+)
+@triton.jit
+def _attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, stats_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
+    stride_ob, stride_oh, stride_om, stride_od, stride_stats, stride_stats_b, stride_stats_h,
+    n_heads, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEGATIVE_SCALE: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr, VARLEN: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The output and softmax statistics of one block of BLOCK_M query rows of one (batch, head).
+
+    VARLEN: a "batch" is a packed sequence, seqlen_q and seqlen_k the longest (they size the grid).
+    SPLIT_D: BLOCK_D and BLOCK_DV are the head dim's first piece, BLOCK_D_LO its second."""
+    n_row_blocks = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    # Last row blocks first: under a causal mask they have the most keys, so they start earliest.
+    row_block = n_row_blocks - 1 - pid % n_row_blocks
+    batch_head = pid // n_row_blocks
+    batch = (batch_head // n_heads).to(tl.int64)
+    head = (batch_head % n_heads).to(tl.int64)
+    q_ptr += _slice_offset(batch, head, stride_qb, stride_qh, ROW_ALIGN)
+    k_ptr += _slice_offset(batch, head, stride_kb, stride_kh, ROW_ALIGN)
+    v_ptr += _slice_offset(batch, head, stride_vb, stride_vh, ROW_ALIGN)
+    mask_ptr += batch * stride_maskb + head * stride_maskh
+    out_ptr += _slice_offset(batch, head, stride_ob, stride_oh, ROW_ALIGN)
+    stats_ptr += batch * stride_stats_b + head * stride_stats_h
+    if VARLEN:
+        start_q, seqlen_q = _sequence(cu_seqlens_q_ptr, batch)
+        start_k, seqlen_k = _sequence(cu_seqlens_k_ptr, batch)
+        if row_block * BLOCK_M >= seqlen_q:  # a block past this sequence's end (the grid fits the longest)
+            return
+        q_ptr += _offsets(start_q, stride_qm, ROW_ALIGN)
+        out_ptr += _offsets(start_q, stride_om, ROW_ALIGN)
+        stats_ptr += start_q
+        k_ptr += _offsets(start_k, stride_kn, ROW_ALIGN)
+        v_ptr += _offsets(start_k, stride_vn, ROW_ALIGN)
+
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    q = _load_rows(q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D, ROW_ALIGN, True, False)
+    head_seed = 0
+    if HAS_DROPOUT:
+        head_seed = _head_seed(seed_ptr, batch_head)
+
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    q_lo, acc_lo = q, acc  # passed through unless SPLIT_D
+    if SPLIT_D:
+        q_lo = _load_rows(q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, True, False, BLOCK_D)
+        acc_lo = tl.zeros([BLOCK_M, BLOCK_D_LO], tl.float32)
+    # The lean body (see above); a negative scale (rare) takes the masked one: its largest logit is
+    # the smallest product, where the lean body scales the largest.
+    if MASK_KIND == 0 and not IS_CAUSAL and not EXACT_FP32_DOTS and not NEGATIVE_SCALE:
+        lean_end = seqlen_k // BLOCK_N * BLOCK_N  # the whole blocks
+        for start_n in range(0, lean_end, BLOCK_N):
+            acc, acc_lo, row_sum, row_max = _forward_block(
+                acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr, head_seed,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
+                seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, False, SPLIT_D, BLOCK_D_LO,
+            )
+        if lean_end < seqlen_k:  # the last, partial block
+            acc, acc_lo, row_sum, row_max = _forward_block(
+                acc, acc_lo, row_sum, row_max, q, q_lo, rows, lean_end, k_ptr, v_ptr, mask_ptr, head_seed,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
+                seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
+            )
+    else:
+        key_end = seqlen_k
+        if IS_CAUSAL:
+            key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)  # keys past the last row: all masked
+        for start_n in range(0, key_end, BLOCK_N):
+            acc, acc_lo, row_sum, row_max = _forward_block(
+                acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr, head_seed,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
+                seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
+                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
+            )
+
+    # A row with every key masked has row_sum 0: divide by 1, output 0, and save a maximum of 0 and
+    # a sum of 1 so the backward's exp2(-inf - 0) gives it zero probabilities, hence zero gradients.
+    row_sum = tl.where(row_sum == 0.0, 1.0, row_sum)
+    if HAS_DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
+    acc = acc / row_sum[:, None]
+    tl.store(stats_ptr + rows, tl.where(row_max == float("-inf"), 0.0, row_max), mask=rows < seqlen_q)
+    tl.store(stats_ptr + stride_stats + rows, tl.log2(row_sum), mask=rows < seqlen_q)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    out_rows = out_ptr + _offsets(rows, stride_om, ROW_ALIGN)[:, None]
+    tl.store(
+        out_rows + offs_dv[None, :] * stride_od, rounded_to(acc, out_ptr, UPCAST_DOTS),
+        mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V),
+    )
+    if SPLIT_D:
+        acc_lo = acc_lo / row_sum[:, None]
+        if HAS_DROPOUT:
+            acc_lo = acc_lo * (1.0 / (1.0 - dropout_p))
+        offs_lo = BLOCK_DV + tl.arange(0, BLOCK_D_LO)
+        tl.store(
+            out_rows + offs_lo[None, :] * stride_od, rounded_to(acc_lo, out_ptr, UPCAST_DOTS),
+            mask=(rows[:, None] < seqlen_q) & (offs_lo[None, :] < HEAD_DIM_V),
+        )

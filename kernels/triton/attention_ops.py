@@ -1,0 +1,572 @@
+"""Fused multi-head attention in Triton, the host side: launchers, custom ops and their autograd.
+
+    out = attention_triton(q, k, v, mask=None, scale=None, dropout_p=0.0, is_causal=False)
+    # q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) -> out (B, H, Nq, Dv)
+    out = attention_varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+What it computes is ``kernels.reference.attention_reference``: ``softmax(q k^T * scale + mask) v``
+with dropout on the weights, a query row whose every key is masked giving zeros. The kernels are
+in ``attention_fwd.py`` and ``attention_bwd.py``, their tile helpers in ``tiles.py``, their
+autotune tables in ``configs.py``. ``torch.compile``: the forward and backward are
+``torch.library.triton_op`` custom ops (``vitriton::attention_forward``, ...) with
+``register_autograd``, so ``torch.compile(fullgraph=True)`` traces them.
+
+Inputs and layout
+- q, k, v may have any strides (for example views of a fused qkv projection (B, N, 3, H, D)
+  permuted to (B, H, N, D)): the kernels take the strides, nothing is made contiguous. The output
+  (B, H, Nq, Dv) is allocated with the strides of (B, Nq, H, Dv) memory (not a view: in-place ops
+  on it work), the layout the output projection reads as (B, Nq, H * Dv) without a copy.
+- Any lengths Nq, Nk >= 1 (cross-attention too): the last blocks are masked in the loads (keys past
+  the end get a logit of -inf), nothing is padded in memory. The grid is one axis of
+  ``row blocks * B * H`` programs, so batch * heads is not bound by CUDA's 65,535 limit of axes 1-2.
+  An empty output (B, H or Nq of 0) launches nothing: the reference returns it.
+- Head dims D and Dv: any integer from 16 to 256 (so 80, 96, 160 too). With D = Dv of 40-48,
+  72-96 or 160-192 the head dim is split into two power-of-two pieces (``_head_dim_split``: 64 + 16
+  at 80), otherwise padded in registers to the next power of two (BLOCK_D) with masked loads.
+- float16, bfloat16, float32, accumulated in fp32. float32 dots follow PyTorch's own switch: TF32
+  when ``torch.backends.cuda.matmul.allow_tf32`` is True, exact ("ieee") otherwise (the default).
+- ``mask``: bool (True = may attend) or a float bias (q's dtype or float32) added to the scaled
+  logits, of any shape broadcastable to (B, H, Nq, Nk). It is read through the strides of
+  ``mask.expand(B, H, Nq, Nk)`` (0 on broadcast dims), never materialised. When a float bias
+  requires grad the backward writes a full (B, H, Nq, Nk) fp32 gradient and sums it down to the
+  bias's shape: B*H*Nq*Nk*4 bytes of temporary memory (119 MB at B=64, H=12, N=197).
+- ``is_causal``: top-left aligned as in ``torch.nn.functional.scaled_dot_product_attention``
+  (query i sees keys j <= i); key blocks above the diagonal are skipped. With a mask, both apply.
+- Dropout: Philox (``tl.rand``) keyed by a seed drawn once per forward from torch's default
+  generator of q's device (so ``torch.manual_seed`` reproduces it) and by the (batch, head)
+  index, counted by ``row * Nk + col``; the backward draws exactly the same keep mask.
+  ``return_dropout_mask=True`` also returns that mask, for tests.
+- Non-finite inputs go where the reference sends them: NaN or inf in row i of q gives NaN in row i
+  of the output only; in k of key j, in the rows that attend key j (a masked logit is -inf
+  whatever it was); in v of key j, in that column of every row whose key block holds key j,
+  attended or not, since a weight of 0 times inf is NaN (as in the einsum reference and PyTorch's
+  SDPA). The one difference: key blocks a causal row block skips are never read, so there the
+  kernel has a finite row where the reference has 0 * inf. Finite inputs whose logits fit float32
+  give a finite output.
+- Offsets inside one (batch, head) slice are int32 (the slice base is int64): each of q, k, v,
+  the expanded mask and, with dropout, Nq * Nk must stay below 2**31 elements per slice.
+"""
+
+import dataclasses
+
+import torch
+import triton
+
+from kernels import reference
+from kernels.triton.attention_bwd import (
+    _attention_backward_delta_kernel,
+    _attention_backward_kv_kernel,
+    _attention_backward_q_kernel,
+    _dropout_keep_mask_kernel,
+)
+from kernels.triton.attention_fwd import _attention_forward_kernel
+from kernels.triton.configs import (
+    _KEEP_MASK_BLOCK_M,
+    _KEEP_MASK_BLOCK_N,
+    _PREPASS_BLOCK_M,
+    LOG2E,
+    MASK_BIAS,
+    MASK_BOOL,
+    MASK_NONE,
+    MAX_HEAD_DIM,
+    MIN_HEAD_DIM,
+)
+from kernels.triton.utils import INTERPRETING
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers, the custom ops and their autograd.
+
+
+def attention_grid(n_rows: int, batch_heads: int, block_rows: int) -> tuple[int]:
+    """One program per block of ``block_rows`` rows per (batch, head), all on grid axis 0.
+
+    Axis 0 takes up to 2**31 - 1 programs where axes 1 and 2 stop at 65,535, so batch * heads
+    is not limited by the grid.
+    """
+    return (triton.cdiv(n_rows, block_rows) * batch_heads,)
+
+
+def _mask_arguments(q, k, mask):
+    """(pointer, its four (B, H, Nq, Nk) strides, MASK_KIND); q stands in for an absent mask, unread."""
+    if mask is None:
+        return q, (0, 0, 0, 0), MASK_NONE
+    batch, heads, seqlen_q, _ = q.shape
+    expanded = mask.expand(batch, heads, seqlen_q, k.shape[2])  # a view: broadcast dims get stride 0
+    return expanded, expanded.stride(), MASK_BOOL if mask.dtype == torch.bool else MASK_BIAS
+
+
+def _row_align(*tensors: torch.Tensor) -> int:
+    """ROW_ALIGN for kernels that read or write ``tensors`` (of one dtype): 16 bytes in elements if
+    every stride but the head dim's is a multiple of it, so each row of each (batch, head) slice
+    starts 16 bytes apart from the pointer (vector loads and cp.async then apply), else 1."""
+    vector = 16 // tensors[0].element_size()
+    return vector if all(stride % vector == 0 for t in tensors for stride in t.stride()[:-1]) else 1
+
+
+def _head_dim_split(head_dim: int, head_dim_v: int, exact_fp32: bool) -> tuple[int, int] | None:
+    """(first piece, second piece) of the kernels' head dim, or None to pad it to a power of two.
+
+    A head dim of 72-96 padded to 128 spends 25-44% of each q k^T and p v product on zeros; as
+    64 + 16 (72, 80) or 64 + 32 (88, 96) the padding is 0-10%, for a second, smaller tensor-core
+    product per dot. So: the largest power of two below it, then the rest rounded up to a power of
+    two of at least 16 (a tensor core's depth), where that is less than the padded width. Only
+    with D = Dv (one split serves both dots) and tensor-core dots; forward and backward alike.
+    """
+    if head_dim != head_dim_v or exact_fp32:
+        return None
+    padded = triton.next_power_of_2(head_dim)
+    first = padded // 2
+    if head_dim <= first or first < 32:
+        return None
+    second = max(16, triton.next_power_of_2(head_dim - first))
+    return (first, second) if first + second < padded else None
+
+
+def _kernel_constants(q, v, dropout_p, allow_tf32):
+    """The constexprs every attention kernel takes, from the inputs."""
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    return {
+        "HEAD_DIM": head_dim,
+        "HEAD_DIM_V": head_dim_v,
+        "BLOCK_D": triton.next_power_of_2(head_dim),
+        "BLOCK_DV": triton.next_power_of_2(head_dim_v),
+        "HAS_DROPOUT": dropout_p > 0.0,
+        "EXACT_FP32_DOTS": q.dtype == torch.float32 and not allow_tf32,
+        # Interpreting bf16: dots upcast to fp32, and fp32 -> bf16 casts rounded as a GPU rounds them.
+        "UPCAST_DOTS": INTERPRETING and q.dtype == torch.bfloat16,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How the kernels index one call's tensors: dense (B, H, N, D), or packed sequences.
+
+    Packed (varlen): q, k, v, out and their gradients are (total, H, D) and the kernels see them
+    as (n_seqs, H, longest, D) with a batch stride of 0, each sequence's first row read from
+    ``cu_seqlens``; the statistics and delta are (2, H, total_q) and (H, total_q).
+    """
+
+    batch: int  # batches, or packed sequences
+    heads: int
+    seqlen_q: int  # the lengths, or the longest of the packed sequences (the grid is sized by them)
+    seqlen_k: int
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    def strides(self, t: torch.Tensor) -> tuple[int, int, int, int]:
+        """(batch, head, row, head dim) strides of q, k, v, out or a gradient."""
+        return (0, t.stride(1), t.stride(0), t.stride(2)) if self.varlen else t.stride()
+
+    def stats_strides(self, stats: torch.Tensor) -> tuple[int, int, int]:
+        """(between max and log-sum, batch, head) strides of the statistics; delta's (batch, head) too."""
+        return (stats.stride(0), 0, stats.stride(1)) if self.varlen else stats.stride()[:3]
+
+    def cu_seqlens(self, stand_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cu_seqlens pointers; dense, any tensor stands in (unread)."""
+        return (self.cu_seqlens_q, self.cu_seqlens_k) if self.varlen else (stand_in, stand_in)
+
+
+def _dense_layout(q, k) -> _Layout:
+    return _Layout(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _launch_forward(layout, q, k, v, mask, dropout_seed, scale, dropout_p, is_causal, allow_tf32, out, stats):
+    """Fill ``out`` and ``stats`` with the forward kernel."""
+    mask_ptr, mask_strides, mask_kind = _mask_arguments(q, k, mask)
+    seed = dropout_seed if dropout_seed is not None else stats  # unread without dropout
+    stride_stats, stride_stats_b, stride_stats_h = layout.stats_strides(stats)
+
+    def grid(meta):
+        return attention_grid(layout.seqlen_q, layout.batch * layout.heads, meta["BLOCK_M"])
+
+    constants = _kernel_constants(q, v, dropout_p, allow_tf32)
+    split = _head_dim_split(q.shape[-1], v.shape[-1], constants["EXACT_FP32_DOTS"])
+    if split is not None:
+        constants["BLOCK_D"] = constants["BLOCK_DV"] = split[0]
+    torch.library.wrap_triton(_attention_forward_kernel)[grid](
+        q, k, v, mask_ptr, seed, out, stats, *layout.cu_seqlens(stats),
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *mask_strides, *layout.strides(out),
+        stride_stats, stride_stats_b, stride_stats_h,
+        layout.heads, layout.seqlen_q, layout.seqlen_k, scale * LOG2E, dropout_p,
+        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, NEGATIVE_SCALE=scale < 0, ROW_ALIGN=_row_align(q, k, v, out),
+        VARLEN=layout.varlen, SPLIT_D=split is not None, BLOCK_D_LO=split[1] if split else 16, **constants,
+    )
+
+
+def _launch_backward(
+    layout, grad_out, q, k, v, out, stats, mask, dropout_seed, scale, dropout_p, is_causal, allow_tf32,
+    bias_needs_grad, grad_q, grad_k, grad_v, delta, grad_bias,
+):
+    """Fill ``delta``, ``grad_q``, ``grad_k``, ``grad_v`` (and ``grad_bias``) with the backward kernels."""
+    constants = _kernel_constants(q, v, dropout_p, allow_tf32)
+    constants["ROW_ALIGN"] = _row_align(q, k, v, out, grad_out, grad_q, grad_k, grad_v)
+    padded_dv = constants["BLOCK_DV"]  # the delta pre-pass reads whole rows
+    split = _head_dim_split(q.shape[-1], v.shape[-1], constants["EXACT_FP32_DOTS"])
+    if split is not None:
+        constants["BLOCK_D"] = constants["BLOCK_DV"] = split[0]
+    constants.update(SPLIT_D=split is not None, BLOCK_D_LO=split[1] if split else 16)
+    mask_ptr, mask_strides, mask_kind = _mask_arguments(q, k, mask)
+    seed = dropout_seed if dropout_seed is not None else stats  # unread without dropout
+    stride_stats, stride_stats_b, stride_stats_h = layout.stats_strides(stats)
+    cu_seqlens = layout.cu_seqlens(stats)
+
+    # delta per query row: packed, the rows of every sequence are one batch of total_q rows.
+    delta_batch, delta_rows = (1, q.shape[0]) if layout.varlen else (layout.batch, layout.seqlen_q)
+    torch.library.wrap_triton(_attention_backward_delta_kernel)[
+        attention_grid(delta_rows, delta_batch * layout.heads, _PREPASS_BLOCK_M)
+    ](
+        out, grad_out, delta, *layout.strides(out), *layout.strides(grad_out), layout.heads, delta_rows,
+        HEAD_DIM_V=v.shape[-1], BLOCK_DV=padded_dv, ROW_ALIGN=constants["ROW_ALIGN"],
+        BLOCK_M=_PREPASS_BLOCK_M,
+    )
+
+    def kv_grid(meta):
+        return attention_grid(layout.seqlen_k, layout.batch * layout.heads, meta["BLOCK_N"])
+
+    torch.library.wrap_triton(_attention_backward_kv_kernel)[kv_grid](
+        q, k, v, mask_ptr, seed, grad_out, stats, delta, grad_k, grad_v, *cu_seqlens,
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *mask_strides, *layout.strides(grad_out),
+        *layout.strides(grad_k), *layout.strides(grad_v), stride_stats, stride_stats_b, stride_stats_h,
+        layout.heads, layout.seqlen_q, layout.seqlen_k, scale, scale * LOG2E, dropout_p,
+        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, VARLEN=layout.varlen, **constants,
+    )
+
+    def q_grid(meta):
+        return attention_grid(layout.seqlen_q, layout.batch * layout.heads, meta["BLOCK_M"])
+
+    # Without a bias gradient the dQ kernel gets delta in its place, never written (BIAS_NEEDS_GRAD off).
+    torch.library.wrap_triton(_attention_backward_q_kernel)[q_grid](
+        q, k, v, mask_ptr, seed, grad_out, stats, delta, grad_q, grad_bias if bias_needs_grad else delta, *cu_seqlens,
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *mask_strides, *layout.strides(grad_out),
+        *layout.strides(grad_q), stride_stats, stride_stats_b, stride_stats_h,
+        layout.heads, layout.seqlen_q, layout.seqlen_k, scale, scale * LOG2E, dropout_p,
+        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, BIAS_NEEDS_GRAD=bias_needs_grad, VARLEN=layout.varlen, **constants,
+    )
+
+
+@torch.library.triton_op("vitriton::attention_forward", mutates_args={})
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout_seed: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    is_causal: bool,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, Nq, Dv), softmax statistics (2, B, H, Nq) fp32) of checked inputs.
+
+    The statistics are each row's log-sum-exp in base 2, kept in two parts: [0] the row maximum of
+    the logits, [1] log2 of the row sum of exp2(logits - maximum). The backward subtracts them one
+    after the other, so a huge maximum (a finfo.min bias) cannot round the sum's logarithm away.
+    """
+    batch, heads, seqlen_q, _ = q.shape
+    head_dim_v = v.shape[3]
+    # (B, H, Nq, Dv) in (B, Nq, H, Dv) memory, what the output projection reads. Allocated with
+    # those strides rather than permuted, so it is no view and in-place ops on it are allowed.
+    out = torch.empty_strided(
+        (batch, heads, seqlen_q, head_dim_v), (seqlen_q * heads * head_dim_v, head_dim_v, heads * head_dim_v, 1),
+        device=q.device, dtype=q.dtype,
+    )
+    stats = torch.empty(2, batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+    _launch_forward(_dense_layout(q, k), q, k, v, mask, dropout_seed, scale, dropout_p, is_causal, allow_tf32, out, stats)
+    return out, stats
+
+
+@torch.library.triton_op("vitriton::attention_backward", mutates_args={})
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    stats: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout_seed: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    is_causal: bool,
+    allow_tf32: bool,
+    bias_needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d(logits) (B, H, Nq, Nk) fp32 if ``bias_needs_grad`` else an empty tensor)."""
+    batch, heads, seqlen_q, _ = q.shape
+    seqlen_k = k.shape[2]
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+    # Zeros: the blocks a causal mask skips are never written, and their gradient is 0.
+    grad_bias = (
+        torch.zeros(batch, heads, seqlen_q, seqlen_k, device=q.device, dtype=torch.float32)
+        if bias_needs_grad else stats.new_empty(0)
+    )
+    _launch_backward(
+        _dense_layout(q, k), grad_out, q, k, v, out, stats, mask, dropout_seed, scale, dropout_p, is_causal,
+        allow_tf32, bias_needs_grad, grad_q, grad_k, grad_v, delta, grad_bias,
+    )
+    return grad_q, grad_k, grad_v, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, dropout_seed, scale, dropout_p, is_causal, allow_tf32 = inputs
+    out, stats = output
+    ctx.save_for_backward(q, k, v, out, stats, mask, dropout_seed)
+    ctx.scale, ctx.dropout_p, ctx.is_causal, ctx.allow_tf32 = scale, dropout_p, is_causal, allow_tf32
+    ctx.mark_non_differentiable(stats)
+
+
+def _backward(ctx, grad_out, _grad_stats):
+    q, k, v, out, stats, mask, dropout_seed = ctx.saved_tensors
+    bias_needs_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
+    grad_q, grad_k, grad_v, grad_bias = attention_backward(
+        grad_out, q, k, v, out, stats, mask, dropout_seed,
+        ctx.scale, ctx.dropout_p, ctx.is_causal, ctx.allow_tf32, bias_needs_grad,
+    )
+    # (B, H, Nq, Nk) summed over the dims the bias was broadcast along, back to its shape.
+    grad_mask = grad_bias.sum_to_size(mask.shape).to(mask.dtype) if bias_needs_grad else None
+    return grad_q, grad_k, grad_v, grad_mask, None, None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "attention: the Triton kernels' backward has no derivative of its own (double backward, "
+        "e.g. a gradient penalty); run the forward with backend='einsum'"
+    )
+
+
+attention_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# Packed sequences (flash-attn's varlen layout): the same kernels, VARLEN on.
+
+
+def _varlen_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> _Layout:
+    return _Layout(cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
+
+
+@torch.library.triton_op("vitriton::attention_varlen_forward", mutates_args={})
+def attention_varlen_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_seed: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    is_causal: bool,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (total_q, H, Dv), statistics (2, H, total_q) fp32) of checked packed inputs."""
+    total_q, heads, _ = q.shape
+    out = q.new_empty(total_q, heads, v.shape[2])
+    stats = torch.empty(2, heads, total_q, device=q.device, dtype=torch.float32)
+    layout = _varlen_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if layout.batch and max_seqlen_q:  # else no query rows: nothing to launch
+        _launch_forward(layout, q, k, v, None, dropout_seed, scale, dropout_p, is_causal, allow_tf32, out, stats)
+    return out, stats
+
+
+@torch.library.triton_op("vitriton::attention_varlen_backward", mutates_args={})
+def attention_varlen_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    stats: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_seed: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    is_causal: bool,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of packed inputs, in their layouts."""
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    layout = _varlen_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if not (layout.batch and max_seqlen_q and max_seqlen_k):  # no score at all: every gradient is 0
+        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_()
+    delta = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32)
+    _launch_backward(
+        layout, grad_out, q, k, v, out, stats, None, dropout_seed, scale, dropout_p, is_causal, allow_tf32,
+        False, grad_q, grad_k, grad_v, delta, delta,
+    )
+    return grad_q, grad_k, grad_v
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_seed, scale, dropout_p, is_causal, allow_tf32 = inputs
+    out, stats = output
+    ctx.save_for_backward(q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k, dropout_seed)
+    ctx.options = (max_seqlen_q, max_seqlen_k)
+    ctx.scalars = (scale, dropout_p, is_causal, allow_tf32)
+    ctx.mark_non_differentiable(stats)
+
+
+def _varlen_backward(ctx, grad_out, _grad_stats):
+    q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k, dropout_seed = ctx.saved_tensors
+    grad_q, grad_k, grad_v = attention_varlen_backward(
+        grad_out, q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k, *ctx.options, dropout_seed, *ctx.scalars
+    )
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None, None
+
+
+attention_varlen_forward.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+attention_varlen_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def dropout_keep_mask(
+    dropout_seed: torch.Tensor, shape: tuple[int, int, int, int], dropout_p: float, first_batch_head: int = 0
+) -> torch.Tensor:
+    """The bool (B, H, Nq, Nk) keep mask (True = kept) the attention kernels draw from ``dropout_seed``
+    (for a packed sequence i of H heads: shape (1, H, Nq_i, Nk_i), ``first_batch_head`` i * H)."""
+    batch, heads, seqlen_q, seqlen_k = shape
+    keep = torch.empty(shape, device=dropout_seed.device, dtype=torch.uint8)
+    if keep.numel():
+        _dropout_keep_mask_kernel[attention_grid(seqlen_q, batch * heads, _KEEP_MASK_BLOCK_M)](
+            dropout_seed, keep, first_batch_head, seqlen_q, seqlen_k, dropout_p,
+            BLOCK_M=_KEEP_MASK_BLOCK_M, BLOCK_N=_KEEP_MASK_BLOCK_N,
+        )
+    return keep.bool()
+
+
+# ---------------------------------------------------------------------------------------------
+# The public function.
+
+
+def cannot_take(q, k, v, mask, dropout_p) -> str | None:
+    """Why these (checked) inputs are beyond the kernels, in words, or None if they can take them."""
+    for what, dim in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
+        if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
+            return f"{what} {dim} is outside the Triton kernels' range, {MIN_HEAD_DIM} to {MAX_HEAD_DIM}"
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    tensors = {"q": q, "k": k, "v": v}
+    if mask is not None:
+        tensors["mask"] = mask.expand(*q.shape[:3], seqlen_k)
+    for name, t in tensors.items():
+        last_offset = sum((size - 1) * stride for size, stride in zip(t.shape[2:], t.stride()[2:]))
+        if last_offset >= 2**31:
+            return f"each (batch, head) slice of {name} must span fewer than 2**31 elements for the Triton kernels, got {last_offset + 1}"
+    if dropout_p > 0.0 and seqlen_q * seqlen_k >= 2**31:
+        return f"dropout in the Triton kernels needs Nq * Nk < 2**31, got {seqlen_q} * {seqlen_k}"
+    return None
+
+
+def attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    *,
+    is_causal: bool = False,
+    return_dropout_mask: bool = False,
+):
+    """Fused attention: q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) -> (B, H, Nq, Dv).
+
+    Inputs as checked by ``kernels.dispatch.attention``. ``mask`` broadcasts to (B, H, Nq, Nk):
+    bool (True = may attend) or a float bias added to the scaled logits (it gets a gradient when
+    it requires one). ``scale`` defaults to D**-0.5. ``return_dropout_mask=True`` returns
+    ``(out, keep)``, ``keep`` the bool (B, H, Nq, Nk) mask of the weights dropout kept, for tests.
+    """
+    reason = cannot_take(q, k, v, mask, dropout_p)
+    if reason is not None:
+        raise ValueError(f"attention: {reason}; use backend='einsum'")
+    shape = (*q.shape[:3], k.shape[2])
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0:
+        # An empty output (B, H or Nq of 0) has nothing to compute: no launch, no seed drawn. The
+        # reference returns the empty result, with gradients, after the same checks as a launch.
+        out = reference.attention_reference(q, k, v, mask, scale, dropout_p, is_causal=is_causal)
+        return (out, torch.ones(shape, device=q.device, dtype=torch.bool)) if return_dropout_mask else out
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dropout_seed = None
+    if dropout_p > 0.0:
+        # Drawn on q's device, so no host-to-device copy; torch.manual_seed seeds that generator too.
+        dropout_seed = torch.randint(0, 2**31, (1,), device=q.device, dtype=torch.int64)
+    out, _ = attention_forward(
+        q, k, v, mask, dropout_seed, scale, float(dropout_p), bool(is_causal),
+        bool(torch.backends.cuda.matmul.allow_tf32),
+    )
+    if not return_dropout_mask:
+        return out
+    if dropout_seed is None:
+        return out, torch.ones(shape, device=q.device, dtype=torch.bool)
+    return out, dropout_keep_mask(dropout_seed, shape, float(dropout_p))
+
+
+def cannot_take_varlen(q, k, v, max_seqlen_q, max_seqlen_k, dropout_p) -> str | None:
+    """Why these (checked) packed inputs are beyond the kernels, in words, or None if they can take them."""
+    for what, dim in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
+        if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
+            return f"{what} {dim} is outside the Triton kernels' range, {MIN_HEAD_DIM} to {MAX_HEAD_DIM}"
+    for name, t, longest in (("q", q, max_seqlen_q), ("k", k, max_seqlen_k), ("v", v, max_seqlen_k)):
+        last_offset = max(longest - 1, 0) * t.stride(0) + (t.shape[2] - 1) * t.stride(2)
+        if last_offset >= 2**31:
+            return f"each sequence's head of {name} must span fewer than 2**31 elements for the Triton kernels, got {last_offset + 1}"
+    if dropout_p > 0.0 and max_seqlen_q * max_seqlen_k >= 2**31:
+        return f"dropout in the Triton kernels needs Nq * Nk < 2**31 per sequence, got {max_seqlen_q} * {max_seqlen_k}"
+    return None
+
+
+def attention_varlen_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    *,
+    is_causal: bool = False,
+    return_dropout_mask: bool = False,
+):
+    """Fused attention within each packed sequence: q (total_q, H, D), k (total_k, H, D),
+    v (total_k, H, Dv) -> (total_q, H, Dv), one launch per kernel for every sequence.
+
+    Inputs as checked by ``kernels.dispatch.attention_varlen`` (``max_seqlen_*`` at least the
+    longest lengths: they size the grid). ``return_dropout_mask=True`` returns ``(out, keeps)``,
+    ``keeps`` a list of each sequence's bool (H, Nq_i, Nk_i) mask of kept weights, for tests.
+    """
+    reason = cannot_take_varlen(q, k, v, max_seqlen_q, max_seqlen_k, dropout_p)
+    if reason is not None:
+        raise ValueError(f"attention_varlen: {reason}; use backend='einsum'")
+    # The kernels read cu_seqlens[i] at offset i: a strided, offset or expanded view of the values
+    # the checks read would be read wrong (or out of bounds). A copy only when it is not contiguous.
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dropout_seed = None
+    if dropout_p > 0.0:
+        dropout_seed = torch.randint(0, 2**31, (1,), device=q.device, dtype=torch.int64)
+    out, _ = attention_varlen_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), dropout_seed, scale,
+        float(dropout_p), bool(is_causal), bool(torch.backends.cuda.matmul.allow_tf32),
+    )
+    if not return_dropout_mask:
+        return out
+    heads, keeps = q.shape[1], []
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(starts_q) - 1):
+        shape = (1, heads, starts_q[i + 1] - starts_q[i], starts_k[i + 1] - starts_k[i])
+        keep = (
+            torch.ones(shape, device=q.device, dtype=torch.bool) if dropout_seed is None
+            else dropout_keep_mask(dropout_seed, shape, float(dropout_p), first_batch_head=i * heads)
+        )
+        keeps.append(keep[0])
+    return out, keeps

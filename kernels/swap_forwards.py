@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import dispatch
-from kernels.triton.configs import MAX_HEAD_DIM, MIN_HEAD_DIM
+from kernels.checks import MAX_HEAD_DIM, MIN_HEAD_DIM
 
 HF_ATTENTION_NAME = "vitriton"
 RECORD = "_vitriton_swap"  # the attribute that holds a swapped module's undo record

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
+from kernels.checks import MAX_HEAD_DIM, MIN_HEAD_DIM
 from kernels.reference import attention_reference
 from kernels.triton import attention_ops as attention_module
 from kernels.triton import configs as attention_configs
@@ -425,7 +426,7 @@ def test_broadcast_upstream_gradient():
 def test_unsupported_head_dims_raise(head_dim, head_dim_v):
     inputs = make_inputs(1, 1, 4, 4, head_dim, f16, head_dim_v=head_dim_v)
     for run in (attention_triton, lambda q, k, v, mask: kernels.attention(q, k, v, mask, backend="triton")):
-        with pytest.raises(ValueError, match=r"outside the Triton kernels. range, 16 to 256; use backend=.einsum.") as error:
+        with pytest.raises(ValueError, match=rf"outside the Triton kernels. range, {MIN_HEAD_DIM} to {MAX_HEAD_DIM}; use backend=.einsum.") as error:
             run(**inputs)
         assert "\n" not in str(error.value)
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import dispatch
+from kernels import backend as backend_choice
+from kernels.checks import MAX_HEAD_DIM, MIN_HEAD_DIM
 from kernels.reference import attention_reference
 from tests.equivalence import DEVICE
 
@@ -38,7 +39,7 @@ def qkv(batch=1, heads=2, n=9, head_dim=16, dtype=torch.float32, device=DEVICE, 
 
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch):
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(backend_choice, "_warned", set())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +67,7 @@ def test_use_backend_in_one_thread_does_not_change_another():
         for t in threads:
             t.join()
         assert kernels.get_backend() == "triton"
-    assert seen_by_other == [dispatch._PROCESS_BACKEND]
+    assert seen_by_other == [backend_choice._PROCESS_BACKEND]
 
 
 def test_use_backend_is_per_asyncio_task():
@@ -98,12 +99,12 @@ def test_there_is_no_global_setter():
 
 def test_auto_falls_back_for_a_head_dim_the_kernels_cannot_take():
     q, k, v = (torch.empty(1, 2, 9, 8, device="meta") for _ in range(3))
-    with pytest.warns(UserWarning, match=r"head dim 8 is outside the Triton kernels' range, 16 to 256"):
-        assert dispatch.pick_backend("auto", "attention", [q, k, v], lambda: "head dim 8 is outside the Triton kernels' range, 16 to 256") == "einsum"
+    with pytest.warns(UserWarning, match=rf"head dim 8 is outside the Triton kernels' range, {MIN_HEAD_DIM} to {MAX_HEAD_DIM}"):
+        assert backend_choice.pick_backend("auto", "attention", [q, k, v], lambda: f"head dim 8 is outside the Triton kernels' range, {MIN_HEAD_DIM} to {MAX_HEAD_DIM}") == "einsum"
     out = kernels.attention(q, k, v, backend="auto")  # the warning was given once: no second one
     assert out.shape == (1, 2, 9, 8)
     q64 = torch.empty(1, 2, 9, 64, device="meta")
-    assert dispatch.pick_backend("auto", "attention", [q64, q64, q64], lambda: None) == "triton"
+    assert backend_choice.pick_backend("auto", "attention", [q64, q64, q64], lambda: None) == "triton"
 
 
 @pytest.mark.parametrize("head_dim", [8, 300])
@@ -173,7 +174,7 @@ def test_auto_names_forward_ad_as_its_reason_on_a_device_the_kernels_take():
     with torch.autograd.forward_ad.dual_level():
         dual = torch.autograd.forward_ad.make_dual(q, torch.empty_like(q))
         with pytest.warns(UserWarning, match="forward-mode derivative"):
-            assert dispatch.pick_backend("auto", "attention", [dual, q, q]) == "einsum"
+            assert backend_choice.pick_backend("auto", "attention", [dual, q, q]) == "einsum"
 
 
 def test_double_backward_on_triton_is_a_one_line_error():
@@ -288,7 +289,7 @@ def test_swap_leaves_alone_attention_whose_head_dim_the_kernels_cannot_take():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, depth=1, num_heads=24)
     report = kernels.swap(model)  # embed 192 / 24 heads = head dim 8
     assert [e.path for e in report.left_alone] == ["blocks.0.attn"]
-    assert "head dim 8: the Triton kernels take 16 to 256" in report.left_alone[0].note
+    assert f"head dim 8: the Triton kernels take {MIN_HEAD_DIM} to {MAX_HEAD_DIM}" in report.left_alone[0].note
     assert "forward" not in model.blocks[0].attn.__dict__
     mha = torch.nn.MultiheadAttention(16, 4, batch_first=True)  # head dim 4
     assert "head dim 4" in kernels.swap(mha).left_alone[0].note
@@ -332,7 +333,7 @@ def test_patch_embed_under_autocast_promotes_like_cat_and_add():
     [("EINSUM", "einsum"), ("Triton", "triton"), ("", "auto"), (" auto ", "auto"), (None, "auto"), ("bogus", None)],
 )
 def test_process_backend_takes_any_case_and_empty_as_unset(value, expected):
-    assert dispatch._process_backend(value) == expected
+    assert backend_choice._process_backend(value) == expected
 
 
 @pytest.mark.parametrize("value", ["bogus", "EINSUM", ""])

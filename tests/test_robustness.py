@@ -33,7 +33,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import kernels
-from kernels import dispatch
+from kernels import backend as backend_choice
+from kernels.checks import MAX_HEAD_DIM, MIN_HEAD_DIM
 from kernels.reference import attention_reference, patch_embed_reference
 from tests.equivalence import DEVICE, DTYPES, ON_GPU, assert_close_to_reference
 from vit.model import MultiHeadAttention, PatchEmbedding, ViT
@@ -92,7 +93,7 @@ def no_launches(monkeypatch):
 @pytest.fixture
 def fresh_warnings(monkeypatch):
     """The warn-once set is module state: start each test that counts warnings from an empty one."""
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(backend_choice, "_warned", set())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_triton_head_dim_error_does_not_depend_on_the_batch(head_dim, shape):
     batch, heads, n_queries = shape
     q, k, v = qkv(batch, heads, n_queries, 5, head_dim)
     one_line_error(
-        ValueError, f"head dim {head_dim} is outside the Triton kernels' range, 16 to 256",
+        ValueError, f"head dim {head_dim} is outside the Triton kernels' range, {MIN_HEAD_DIM} to {MAX_HEAD_DIM}",
         kernels.attention, q, k, v, backend="triton",
     )
     assert kernels.attention(q, k, v, backend="einsum").shape == (batch, heads, n_queries, head_dim)
@@ -951,16 +952,16 @@ class Placed:
 def test_auto_with_float64_on_cuda_says_why_once(fresh_warnings):
     with pytest.warns(UserWarning, match=r"einsum fallback: attention got torch.float64, and the Triton kernels "
                                          r"take float16, bfloat16 or float32") as record:
-        assert dispatch.pick_backend("auto", "attention", [Placed("cuda", f64)]) == "einsum"
+        assert backend_choice.pick_backend("auto", "attention", [Placed("cuda", f64)]) == "einsum"
     assert len(record) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert dispatch.pick_backend("auto", "attention", [Placed("cuda", f64)]) == "einsum"  # once only
-        assert dispatch.pick_backend(None, "attention", [Placed("cuda", f32)]) == "triton"  # no fallback: silent
+        assert backend_choice.pick_backend("auto", "attention", [Placed("cuda", f64)]) == "einsum"  # once only
+        assert backend_choice.pick_backend(None, "attention", [Placed("cuda", f32)]) == "triton"  # no fallback: silent
     with pytest.warns(UserWarning, match="patch_embed got torch.float64"):  # each op says it for itself
-        assert dispatch.pick_backend("auto", "patch_embed", [Placed("cuda", f64)]) == "einsum"
+        assert backend_choice.pick_backend("auto", "patch_embed", [Placed("cuda", f64)]) == "einsum"
     one_line_error(TypeError, "float16, bfloat16 or float32, got torch.float64",
-                   dispatch.pick_backend, "triton", "attention", [Placed("cuda", f64)])
+                   backend_choice.pick_backend, "triton", "attention", [Placed("cuda", f64)])
 
 
 @pytest.mark.parametrize("interpreter", ["0", "1"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kernels
+from kernels.checks import MAX_HEAD_DIM, MIN_HEAD_DIM
 from kernels.reference import attention_reference, attention_varlen_reference
 from tests.equivalence import assert_close_to_reference
 from vit.model import ViT
@@ -80,7 +81,7 @@ def test_the_rule_catches_a_sequence_leaking_into_another():
 
 def test_varlen_triton_refuses_a_head_dim_beyond_it_in_one_line():
     q, k, v, cu_q, cu_k = packed([3, 4], [3, 4], head_dim=8, dtype=torch.float16)
-    with pytest.raises(ValueError, match=r"^attention_varlen: head dim 8 is outside the Triton kernels' range, 16 to 256; use backend="):
+    with pytest.raises(ValueError, match=rf"^attention_varlen: head dim 8 is outside the Triton kernels' range, {MIN_HEAD_DIM} to {MAX_HEAD_DIM}; use backend="):
         kernels.attention_varlen(q, k, v, cu_q, cu_k, backend="triton")
 
 

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from kernels.checks import is_real
+
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
@@ -139,7 +141,7 @@ def load_image_center_crop(
     ``crop_pct`` is the fraction of the resized shorter side kept, in (0, 1]: 0.9 for timm's
     ViTs at 224, 1.0 at 384. Other arguments and errors as ``load_image``.
     """
-    if not (_is_real(crop_pct) and 0 < crop_pct <= 1):
+    if not (is_real(crop_pct) and 0 < crop_pct <= 1):
         raise ValueError(f"load_image_center_crop: crop_pct must be a number in (0, 1], got {crop_pct!r}")
     if not _is_integer(size) or size <= 0:
         raise ValueError(f"load_image_center_crop: size must be a positive int, got {size!r}")
@@ -217,10 +219,6 @@ def _too_many_pixels(path: Path) -> ValueError:
 
 def _is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _parse_size(size, max_pixels: int | None) -> tuple[int, int]:

@@ -22,7 +22,6 @@ a fused one refuses in one line. Parameter names follow timm's where they mean t
 import dataclasses
 import itertools
 import math
-import numbers
 from typing import Final
 
 import torch
@@ -31,11 +30,8 @@ from einops.layers.torch import Rearrange
 from torch import nn
 
 import kernels
+from kernels.checks import is_real
 from kernels.reference import safe_softmax
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +76,7 @@ class ViTConfig:
             ("attn_dropout", "a number in [0, 1)", lambda x: 0 <= x < 1),
         ):
             value = getattr(self, name)
-            if not _is_real(value):
+            if not is_real(value):
                 raise TypeError(f"ViTConfig.{name} must be {expected}, got {value!r}")
             if not ok(value):  # NaN fails every comparison
                 raise ValueError(f"ViTConfig.{name} must be {expected}, got {value!r}")

@@ -53,6 +53,7 @@ import torch
 import triton
 
 from kernels import reference
+from kernels.checks import head_dim_problem
 from kernels.triton.attention_bwd import (
     _attention_backward_delta_kernel,
     _attention_backward_kv_kernel,
@@ -68,8 +69,6 @@ from kernels.triton.configs import (
     MASK_BIAS,
     MASK_BOOL,
     MASK_NONE,
-    MAX_HEAD_DIM,
-    MIN_HEAD_DIM,
 )
 from kernels.triton.utils import INTERPRETING
 
@@ -450,9 +449,9 @@ def dropout_keep_mask(
 
 def cannot_take(q, k, v, mask, dropout_p) -> str | None:
     """Why these (checked) inputs are beyond the kernels, in words, or None if they can take them."""
-    for what, dim in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
-        if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
-            return f"{what} {dim} is outside the Triton kernels' range, {MIN_HEAD_DIM} to {MAX_HEAD_DIM}"
+    reason = head_dim_problem(q.shape[-1], v.shape[-1])
+    if reason is not None:
+        return reason
     seqlen_q, seqlen_k = q.shape[2], k.shape[2]
     tensors = {"q": q, "k": k, "v": v}
     if mask is not None:
@@ -511,9 +510,9 @@ def attention_triton(
 
 def cannot_take_varlen(q, k, v, max_seqlen_q, max_seqlen_k, dropout_p) -> str | None:
     """Why these (checked) packed inputs are beyond the kernels, in words, or None if they can take them."""
-    for what, dim in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
-        if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
-            return f"{what} {dim} is outside the Triton kernels' range, {MIN_HEAD_DIM} to {MAX_HEAD_DIM}"
+    reason = head_dim_problem(q.shape[-1], v.shape[-1])
+    if reason is not None:
+        return reason
     for name, t, longest in (("q", q, max_seqlen_q), ("k", k, max_seqlen_k), ("v", v, max_seqlen_k)):
         last_offset = max(longest - 1, 0) * t.stride(0) + (t.shape[2] - 1) * t.stride(2)
         if last_offset >= 2**31:

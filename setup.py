@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 PEERS = ["timm", "torchvision==0.29.1", "transformers"]
 
@@ -10,12 +10,14 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",
-    packages=["kernels", "vit"],
+    packages=find_packages(include=["kernels", "kernels.*", "vit", "vit.*"]),
     package_data={"vit": ["assets/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",
-        "triton; platform_system == 'Linux'",
+        # What torch 2.14.1 brings (3.8) down to what torch 2.11 brings (3.6): an unpinned triton
+        # would first fetch the newest, which torch then refuses.
+        "triton>=3.6,<3.9; platform_system == 'Linux'",
         "einops",
     ],
     extras_require={

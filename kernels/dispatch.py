@@ -73,16 +73,12 @@ def attention(
     as SDPA (float64 inputs stay float64). Bad input is a one-line TypeError (a wrong type or
     dtype) or ValueError (a wrong shape, device or value), whatever the backend.
     """
-    return _attention("attention", q, k, v, mask, scale, dropout_p, is_causal, backend)
-
-
-def _attention(op, q, k, v, mask, scale, dropout_p, is_causal, backend) -> torch.Tensor:
-    """``attention``, its errors naming ``op`` (the public function the caller used)."""
+    op = "attention"
     device_type = _autocast_device([q, k, v])
     if device_type is not None:
         q, k, v, mask = _autocast_cast(device_type, [q, k, v, mask])
         with torch.autocast(device_type, enabled=False):
-            return _attention(op, q, k, v, mask, scale, dropout_p, is_causal, backend)
+            return attention(q, k, v, mask, scale=scale, dropout_p=dropout_p, is_causal=is_causal, backend=backend)
     scale, dropout_p, is_causal = _check_attention_inputs(op, q, k, v, mask, scale, dropout_p, is_causal)
     from kernels.triton.attention_ops import cannot_take
 
@@ -164,7 +160,13 @@ def scaled_dot_product_attention(
                 mask = to_4d(attn_mask.expand(full)) if attn_mask.dim() > 2 else attn_mask
             except RuntimeError:
                 raise ValueError(f"{op}: expected attn_mask broadcastable to {full}, got {tuple(attn_mask.shape)}") from None
-    out = _attention(op, q, k, v, mask, scale, dropout_p, is_causal, backend)
+    # Autocast's cast and the checks here, so errors name this function; ``attention`` then finds
+    # the inputs cast (its own cast is a no-op) and checked.
+    device_type = _autocast_device([q, k, v])
+    if device_type is not None:
+        q, k, v, mask = _autocast_cast(device_type, [q, k, v, mask])
+    _check_attention_inputs(op, q, k, v, mask, scale, dropout_p, is_causal)
+    out = attention(q, k, v, mask, scale=scale, dropout_p=dropout_p, is_causal=is_causal, backend=backend)
     return out.reshape(*lead, *out.shape[-2:])
 
 

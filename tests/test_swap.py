@@ -1,4 +1,4 @@
-"""kernels/swap.py: our kernels inside timm, torchvision, Hugging Face and vit models, exactly.
+"""kernels/swap/: our kernels inside timm, torchvision, Hugging Face and vit models, exactly.
 
 Every model is built by its own library with random weights (nothing from a hub), at tiny sizes
 so that the Triton interpreter runs them in seconds: 32x32 images, 16x16 patches, width 32,
@@ -27,11 +27,13 @@ import kernels
 import vit
 from kernels import dispatch
 from kernels.swap import (
-    HF_ATTENTION_NAME,
+    SwapEntry,
+    SwapReport,
     register_transformers_attention,
     swap,
     unswap,
 )
+from kernels.swap.transformers import HF_ATTENTION_NAME
 from tests.equivalence import (
     DEVICE,
     assert_close_to_reference,
@@ -152,7 +154,7 @@ def kernel_calls(monkeypatch):
                 dropouts.append(kwargs.get("dropout_p", args[5] if len(args) > 5 else 0.0))
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(dispatch, name, spy)  # what kernels/swap.py calls
+        monkeypatch.setattr(dispatch, name, spy)  # what kernels/swap/ calls
         monkeypatch.setattr(kernels, name, spy)  # what vit/model.py calls
     calls.dropouts = dropouts
     return calls
@@ -263,9 +265,73 @@ def test_swapping_twice_is_harmless_and_says_so(name):
 def test_report_prints_what_it_did():
     model, _ = _build("timm_vit_tiny_patch16_224")
     text = str(swap(model))
-    assert text.splitlines()[0] == "swap(VisionTransformer): 3 replaced, 0 already swapped, 0 left alone"
-    assert re.search(r"replaced\s+blocks\.0\.attn\s+timm Attention -> kernels\.attention", text)
-    assert re.search(r"replaced\s+patch_embed\s+timm PatchEmbed \+ cls_token \+ pos_embed -> kernels\.patch_embed", text)
+    # The patch embedding's patch also takes over the model's own _pos_embed: 4 modules patched, as undo() returns.
+    assert text.splitlines()[0] == "swap(VisionTransformer): 3 replaced (4 modules patched), 0 already swapped, 0 left alone"
+    assert re.search(r"replaced\s+blocks\.0-1\.attn \(2\)\s+timm Attention -> kernels\.attention", text)
+    assert re.search(
+        r"replaced\s+patch_embed\s+timm PatchEmbed \+ cls_token \+ pos_embed -> kernels\.patch_embed .*; also patched: \(model\)$",
+        text, flags=re.MULTILINE,
+    )
+    assert len(text.splitlines()) == 3
+
+
+def _report_lines(report: SwapReport) -> list[tuple[str, ...]]:
+    """The report's lines after the head, as (status, paths, the rest), cut at runs of two spaces."""
+    return [tuple(re.split(r"\s{2,}", line.strip(), maxsplit=2)) for line in str(report).splitlines()[1:]]
+
+
+def test_report_groups_consecutive_numbered_paths_with_the_same_note():
+    report = SwapReport(nn.Identity(), token=object())
+    attention = ("timm Attention", "-> kernels.attention")
+    report.replaced += [SwapEntry(f"blocks.{i}.attn", *attention, (f"blocks.{i}.attn",)) for i in range(12)]
+    report.replaced += [
+        SwapEntry(path, "timm WindowAttention", note, (path,))
+        for path, note in [
+            ("layers.0.blocks.0.attn", "A"),
+            ("layers.0.blocks.1.attn", "A"),
+            ("layers.1.blocks.1.attn", "A"),  # counts up in another place: a run of its own
+            ("layers.1.blocks.2.attn", "B"),  # another note
+            ("layers.1.blocks.4.attn", "B"),  # not the next number
+        ]
+    ]
+    report.left_alone += [
+        SwapEntry(f"encoder.layers.encoder_layer_{i}.self_attention", "torch MultiheadAttention", "head dim 4") for i in range(3)
+    ]
+    assert str(report).splitlines()[0] == "swap(Identity): 17 replaced, 0 already swapped, 3 left alone"
+    assert _report_lines(report) == [
+        ("replaced", "blocks.0-11.attn (12)", "timm Attention -> kernels.attention"),
+        ("replaced", "layers.0.blocks.0-1.attn (2)", "timm WindowAttention A"),
+        ("replaced", "layers.1.blocks.1.attn", "timm WindowAttention A"),
+        ("replaced", "layers.1.blocks.2.attn", "timm WindowAttention B"),
+        ("replaced", "layers.1.blocks.4.attn", "timm WindowAttention B"),
+        ("left alone", "encoder.layers.encoder_layer_0-2.self_attention (3)", "torch MultiheadAttention: head dim 4"),
+    ]
+    assert len(report.replaced) == 17 and len(report.left_alone) == 3  # the lists keep every entry
+
+
+def test_report_names_what_else_a_patch_reaches_and_counts_it():
+    # nn.TransformerEncoderLayer: its self_attn is what the report names, the layer is patched too.
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(WIDTH, HEADS, 2 * WIDTH, batch_first=True), 3)
+    report = swap(model)
+    assert str(report).splitlines()[0] == "swap(TransformerEncoder): 3 replaced (6 modules patched), 0 already swapped, 0 left alone"
+    ((status, paths, rest),) = _report_lines(report)
+    assert (status, paths) == ("replaced", "layers.0-2.self_attn (3)")
+    assert rest.endswith("; also patched: layers.0-2 (3)")
+    assert sorted(report.undo()) == sorted(f"layers.{i}{part}" for i in range(3) for part in ("", ".self_attn"))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_report_counts_what_undo_restores(name):
+    # Before: "13 replaced" for a timm ViT, while undo() returned 14 paths (the model's own _pos_embed).
+    model, _ = _build(name)
+    report = swap(model)
+    counted = re.match(r"swap\(\w+\): (\d+) replaced(?: \((\d+) modules patched\))?,", str(report))
+    patched = [path for entry in report.replaced for path in entry.patched]
+    assert all(entry.path in entry.patched for entry in report.replaced)
+    assert int(counted[1]) == len(report.replaced)
+    restored = report.undo()
+    assert sorted(patched) == sorted(restored)
+    assert int(counted[2] or counted[1]) == len(restored)
 
 
 def test_kernels_swap_the_function_carries_its_modules_names():
@@ -327,7 +393,7 @@ def test_timm_attention_mirrors_the_forward_signature():
     pytest.importorskip("timm")
     from timm.layers.attention import Attention
 
-    from kernels.swap_forwards import timm_attention_forward
+    from kernels.swap.timm import timm_attention_forward
 
     assert list(inspect.signature(Attention.forward).parameters) == list(inspect.signature(timm_attention_forward).parameters)
 
@@ -506,7 +572,7 @@ def test_transformers_interpolated_positions_run_the_original_embeddings(kernel_
 
 
 def test_transformers_attention_rejects_what_it_cannot_compute():
-    from kernels.swap_forwards import transformers_attention
+    from kernels.swap.transformers import transformers_attention
 
     q = torch.randn(1, 2, 3, 4)
     with pytest.raises(ValueError, match="expected no softcap, got one"):
@@ -629,7 +695,7 @@ def test_transformers_attention_grouped_query_heads_match_sdpa(is_causal):
     pytest.importorskip("transformers")
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from kernels.swap_forwards import transformers_attention
+    from kernels.swap.transformers import transformers_attention
 
     module = nn.Module()
     module.is_causal, module.num_key_value_groups = is_causal, 3

@@ -336,6 +336,7 @@ def _check_family(name: str, backend: str, kernel_calls) -> None:
     # Undo: the original forwards, exactly.
     restored = report.undo()
     assert replaced <= set(restored), (sorted(replaced - set(restored)), restored)
+    assert sorted(p for e in report.replaced for p in e.patched) == sorted(restored), str(report)  # the report counts it all
     for path, module in swapped.named_modules():
         assert "_vitriton_swap" not in module.__dict__ and "forward" not in module.__dict__, path
     if _is_hf(swapped):

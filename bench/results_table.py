@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter, defaultdict
+from pathlib import Path
 
 GPU_COMMAND = (
     "PYTHONPATH=. python3 -m pytest bench --benchmark-only --benchmark-json=bench/gpu.json "
@@ -35,6 +36,9 @@ SECTIONS = {"attention": "Attention", "patch_embed": "Patch projection", "model"
 ROLE_ORDER = {"ours": 0, "reference": 1, "peer": 2}
 # Attention groups the targets name: (shape, batch).
 ATTENTION_TARGET_CASES = [("ViT-B/16", 256), ("ViT-L/16-384", 64)]
+
+# The machine-code report (python -m bench.sass), written by hand, closes every results file.
+MACHINE_CODE = Path(__file__).with_name("MACHINE_CODE.md")
 
 
 def seconds(value: float) -> str:
@@ -283,6 +287,7 @@ def render(runs: list[tuple[str, dict]]) -> str:
         for group, rows in sections[op].items():
             lines += group_table(group, rows, skipped.get(group, []))
         lines += skip_reasons(sections[op], skipped)
+    lines += ["", MACHINE_CODE.read_text(encoding="utf-8").rstrip()]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -19,6 +19,7 @@ from kernels.triton.configs import (
     _pruner,
 )
 from kernels.triton.tiles import (
+    MASK_NONE_KIND,
     _dropout_keep,
     _head_seed,
     _load_rows,
@@ -198,7 +199,7 @@ def _attention_backward_kv_kernel(
         )
         grad_k_lo = tl.zeros([BLOCK_N, BLOCK_D_LO], tl.float32)
         grad_v_lo = tl.zeros([BLOCK_N, BLOCK_D_LO], tl.float32)
-    if MASK_KIND == 0 and not IS_CAUSAL and not EXACT_FP32_DOTS:  # the lean body (see above)
+    if MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS:  # the lean body (see above)
         lean_end = seqlen_q // BLOCK_M * BLOCK_M  # the whole row blocks
         for start_m in range(0, lean_end, BLOCK_M):
             grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
@@ -371,7 +372,7 @@ def _attention_backward_q_kernel(
             grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN, True, False, BLOCK_DV
         )
         grad_q_lo = tl.zeros([BLOCK_M, BLOCK_D_LO], tl.float32)
-    if MASK_KIND == 0 and not IS_CAUSAL and not EXACT_FP32_DOTS:  # the lean body (see above)
+    if MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS:  # the lean body (see above)
         lean_end = seqlen_k // BLOCK_N * BLOCK_N  # the whole blocks
         for start_n in range(0, lean_end, BLOCK_N):
             grad_q, grad_q_lo = _backward_q_block(

@@ -19,6 +19,7 @@ from kernels.triton.configs import (
     _pruner,
 )
 from kernels.triton.tiles import (
+    MASK_NONE_KIND,
     _dropout_keep,
     _head_seed,
     _load_rows,
@@ -150,7 +151,7 @@ def _attention_forward_kernel(
         acc_lo = tl.zeros([BLOCK_M, BLOCK_D_LO], tl.float32)
     # The lean body (see above); a negative scale (rare) takes the masked one: its largest logit is
     # the smallest product, where the lean body scales the largest.
-    if MASK_KIND == 0 and not IS_CAUSAL and not EXACT_FP32_DOTS and not NEGATIVE_SCALE:
+    if MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS and not NEGATIVE_SCALE:
         lean_end = seqlen_k // BLOCK_N * BLOCK_N  # the whole blocks
         for start_n in range(0, lean_end, BLOCK_N):
             acc, acc_lo, row_sum, row_max = _forward_block(

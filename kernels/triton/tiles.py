@@ -5,10 +5,11 @@ per-(batch, head) start-up, row loads and stores. A new mask kind lands in ``_lo
 import triton
 import triton.language as tl
 
-from kernels.triton.configs import LOG2E, MASK_BIAS, MASK_BOOL
+from kernels.triton.configs import LOG2E, MASK_BIAS, MASK_BOOL, MASK_NONE
 from kernels.triton.utils import rounded_to
 
 # The same, as the kernels read them (a jit function reads module globals only as constexprs).
+MASK_NONE_KIND: tl.constexpr = tl.constexpr(MASK_NONE)
 MASK_BOOL_KIND: tl.constexpr = tl.constexpr(MASK_BOOL)
 MASK_BIAS_KIND: tl.constexpr = tl.constexpr(MASK_BIAS)
 LOG2E_CONST: tl.constexpr = tl.constexpr(LOG2E)

@@ -3,9 +3,10 @@
     pytest --benchmark-only                                  # from the repository root
     pytest --benchmark-only --benchmark-json=out.json && python3 bench/results_table.py out.json
 
-The record (versions, device, measured limits, command line, every skipped provider with its
-reason) goes into the JSON's ``machine_info["vitriton"]`` through pytest-benchmark's
-``pytest_benchmark_update_machine_info`` hook, so ``bench/results_table.py`` needs nothing else.
+The record (versions, device, the CPU's model and bfloat16 units, measured limits, command line,
+every skipped provider with its reason) goes into the JSON's ``machine_info["vitriton"]`` through
+pytest-benchmark's ``pytest_benchmark_update_machine_info`` hook, so ``bench/results_table.py``
+needs nothing else. The run's header names the CPU kind (``pytest_report_header``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import platform
 import pytest
 import torch
 
-from bench.harness import DEVICE, ON_GPU
+from bench.harness import DEVICE, ON_GPU, cpu_kind, cpu_line
 from bench.roofline import MachineLimits, measure_limits
 
 RECORD: dict = {"skipped": []}  # filled during the session, written into machine_info at its end
@@ -63,11 +64,17 @@ def _version(distribution: str) -> str | None:
         return None
 
 
+def pytest_report_header(config) -> str:
+    """One header line naming the CPU kind: the CPU benchmarks' ratios depend on it."""
+    return f"cpu: {cpu_line()}, {torch.get_num_threads()} torch threads"
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     import kernels
 
     machine_info["vitriton"] = {
         "device": torch.cuda.get_device_name() if ON_GPU else f"cpu ({platform.processor() or platform.machine()})",
+        "cpu": cpu_kind(),
         "torch": torch.__version__,
         "triton": _version("triton"),
         "cuda": torch.version.cuda,

@@ -14,7 +14,9 @@ too, but the interpreter is a correctness tool, far too slow to time, so the ben
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import platform
 import warnings
 
 import pytest
@@ -29,6 +31,42 @@ COMPILED_ON_GPU_ONLY = "compiled runs are timed on a GPU only (compiling would d
 WARMUP_CALLS = 3  # the first compiles/autotunes; the next two settle caches and the allocator
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 TIMING = "wall clock of one call ending in a device synchronise; median of the rounds; warm-up excluded"
+
+
+@functools.cache
+def cpu_kind() -> dict:
+    """The CPU's model name and whether it has bfloat16 matrix units (AMX, flag ``amx_bf16``) and
+    bfloat16 dot-product instructions (``avx512_bf16``), from /proc/cpuinfo; None where unknown.
+
+    They decide what bfloat16 costs on the CPU: SDPA's CPU kernel multiplies bfloat16 through
+    oneDNN, several times faster than float32 with AMX, and the same ratio to it means different
+    absolute times on each kind.
+    """
+    model, flags = None, None
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model is None:
+                    model = value.strip()
+                elif key == "flags" and flags is None:
+                    flags = set(value.split())
+                if model is not None and flags is not None:
+                    break
+    except OSError:
+        pass
+    return {
+        "model": model or platform.processor() or platform.machine(),
+        **{flag: None if flags is None else flag in flags for flag in ("amx_bf16", "avx512_bf16")},
+    }
+
+
+def cpu_line() -> str:
+    """``cpu_kind`` in one line: "AMD EPYC (amx_bf16: no, avx512_bf16: yes)"."""
+    kind = cpu_kind()
+    said = {True: "yes", False: "no", None: "unknown"}
+    return f"{kind['model']} (amx_bf16: {said[kind['amx_bf16']]}, avx512_bf16: {said[kind['avx512_bf16']]})"
 
 
 def synchronize() -> None:

@@ -12,7 +12,11 @@ where the fallback's bounded memory matters. There ``extra_info`` holds each pro
 the most bytes of tensors its ops held at once (``PeakMemory`` of tests/test_fallback.py, one
 untimed call); memory a kernel uses inside itself without a tensor (SDPA's per-thread buffers)
 is not seen. The fallback's ``extra_info["fallback_over_sdpa"]`` is its median over SDPA's in the
-same group (SDPA runs first).
+same group (SDPA runs first). The bfloat16 ratios depend on the CPU kind: with AMX (``amx_bf16``)
+SDPA makes all its products in bfloat16, several times faster than float32, where the fallback
+makes only p v and p^T grad_out so (its logits and dS products stay float32, see
+kernels/reference.py). So the run's header names the CPU, and each result keeps
+``extra_info["cpu"]`` (model, ``amx_bf16``, ``avx512_bf16``) and ``extra_info["torch_threads"]``.
 
     pytest bench/test_fallback.py --benchmark-only
 """
@@ -25,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.harness import measure
+from bench.harness import cpu_kind, measure
 from bench.roofline import attention_work
 from bench.test_attention import Case as AttentionCase
 from bench.test_attention import heads_first, timed_unit
@@ -87,6 +91,7 @@ def test_fallback(benchmark, machine_limits, case_id: str, provider: str):
         limits=machine_limits,
         case=case.record(),
     )
+    benchmark.extra_info.update(cpu=cpu_kind(), torch_threads=torch.get_num_threads())
     if median is None:  # --benchmark-disable: nothing timed, nothing to compare
         return
     if provider == "sdpa":

@@ -8,9 +8,9 @@ masked out gets zeros instead of NaN.
 
 ``attention_reference`` stays that plain oracle. What ``kernels.attention`` runs when the dispatch
 picks ``"einsum"`` is ``attention_fallback``: the same arithmetic a chunk of the score matrix at a
-time (memory bounded, forward and backward), in float32 for float16/bfloat16 inputs, under every
-autograd transform; tests/test_fallback.py holds it to the oracle. ``kernels.patch_embed`` falls
-back to ``patch_embed_reference`` itself.
+time (memory bounded, forward and backward), logits and softmax in float32 for float16/bfloat16
+inputs, under every autograd transform; tests/test_fallback.py holds it to the oracle.
+``kernels.patch_embed`` falls back to ``patch_embed_reference`` itself.
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def attention_reference(
 
 
 # ---------------------------------------------------------------------------------------------
-# The CPU fallback: the reference's arithmetic a chunk of the score matrix at a time, in float32
-# for float16/bfloat16 inputs, under every autograd transform.
+# The CPU fallback: the reference's arithmetic a chunk of the score matrix at a time, logits and
+# softmax in float32 for float16/bfloat16 inputs, under every autograd transform.
 
 CHUNK_ELEMENTS = 2**19  # scores made at once: 2 MiB of float32, half in each core's L2 on 2 cores
 LOG2E = math.log2(math.e)  # logits are kept in base 2: exp2 is cheaper than exp on the CPU
@@ -209,15 +209,39 @@ def _keep_mask(seed: int | None, index: int, shape, dropout_p: float, device) ->
     return torch.rand(shape, generator=generator, device=device) >= dropout_p
 
 
-def _logits(q, k, bias, mask, is_causal: bool, rows: slice, buffer: torch.Tensor | None) -> torch.Tensor:
-    """One chunk's base-2 logits, q k^T + LOG2E * bias and -inf where masked: (b, h, rows, Nk).
+def _base2_bias(bias: torch.Tensor) -> torch.Tensor:
+    """A float mask in base-2 units, LOG2E * bias, with every finite value kept finite.
 
-    q comes scaled by scale * LOG2E. Written into ``buffer`` when given (see ``_plain``), and then
-    changed in place; else each step makes a new tensor, as autograd and vmap need.
+    Times LOG2E a bias below finfo.min / LOG2E (a "masked" bias of finfo.min, as Hugging Face
+    writes it, in any dtype) overflows to -inf, and a row of them would read as fully masked:
+    zeros, where the reference, SDPA and the Triton kernel average v. So finite values below
+    finfo.min / 2 are raised to it first (a logit of 0.72 finfo.min, with room for q k^T): only
+    -inf masks a key, and NaN stays NaN. The raise is a constant to autograd, so the bias keeps
+    its exact gradient, forward and backward.
+    """
+    finfo = torch.finfo(bias.dtype)
+    # finfo.min / 2 - bias: > 0 only below the floor; +inf for -inf, which finfo.max keeps -inf.
+    raised = (finfo.min / 2 - bias).clamp(0, finfo.max).detach()
+    return (bias + raised) * LOG2E
+
+
+def _rounded(t: torch.Tensor, dtype: torch.dtype, factor: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+    """factor * t rounded to ``dtype``, in one pass: a product's operand; written into ``buffer`` when given."""
+    if buffer is None:
+        return (t * factor).to(dtype)
+    return torch.mul(t, factor, out=_buffer_for(buffer, t.shape))
+
+
+def _logits(q, k, bias, mask, is_causal: bool, rows: slice, buffer: torch.Tensor | None) -> torch.Tensor:
+    """One chunk's base-2 logits, q k^T + bias and -inf where masked: (b, h, rows, Nk).
+
+    q comes scaled by scale * LOG2E, the bias in base 2 (``_base2_bias``). Written into
+    ``buffer`` when given (see ``_plain``), and then changed in place; else each step makes a new
+    tensor, as autograd and vmap need.
     """
     logits = torch.matmul(q, k.transpose(-1, -2), out=_buffer_for(buffer, (*q.shape[:-1], k.shape[-2])))
     if bias is not None:
-        logits = logits.add_(bias, alpha=LOG2E) if buffer is not None else torch.add(logits, bias, alpha=LOG2E)
+        logits = logits.add_(bias) if buffer is not None else logits + bias
     if mask is not None:
         logits = logits.masked_fill_(~mask, float("-inf")) if buffer is not None else logits.masked_fill(~mask, float("-inf"))
     if is_causal:  # query first + i sees keys j <= first + i
@@ -228,16 +252,22 @@ def _logits(q, k, bias, mask, is_causal: bool, rows: slice, buffer: torch.Tensor
 
 
 class _ChunkedAttention(torch.autograd.Function):
-    """softmax(logits) v, a chunk of the logits at a time; q comes scaled, everything in one float dtype.
+    """softmax(logits) v, a chunk of the logits at a time; q comes scaled, q, k and a bias in one float dtype.
 
-    The logits are q k^T + bias in base 2 (q scaled by scale * LOG2E, the bias by LOG2E here), so
-    the weights are exp2(logit - max) / sum. Returns the output, the row maximum and the log2 of
-    the row sum: together the row's log-sum-exp, kept as two terms so that a huge maximum (a bias
-    of finfo.min) cannot round the sum away. The probabilities are not kept: the backward and the
+    The logits are q k^T + bias in base 2 (q scaled by scale * LOG2E, the bias by LOG2E), so the
+    weights are exp2(logit - max) / sum. Returns the output, the row maximum and the log2 of the
+    row sum: together the row's log-sum-exp, kept as two terms so that a huge maximum (a bias of
+    finfo.min) cannot round the sum away. The probabilities are not kept: the backward and the
     jvp make them again, chunk by chunk, from those two. The maximum is a constant to autograd, as
     in ``safe_softmax``; the log-sum is a differentiable output, so the backward, written in
     differentiable torch ops, has exact derivatives (double backward). ``jvp`` is forward mode;
     ``generate_vmap_rule`` gives vmap and the torch.func transforms built on it.
+
+    A bfloat16 v (q and k in float32) is multiplied as SDPA's CPU kernel does: the weights, made in
+    float32 and normalised, rounded to bfloat16 once for p v and p^T grad_out, whose sums are
+    float32 and results bfloat16 (rounded once: the output itself, and dv when a chunk holds every
+    query row). Only for plain tensors (``_plain``); under autograd's recording or a transform,
+    float32 products.
     """
 
     generate_vmap_rule = True
@@ -260,56 +290,68 @@ class _ChunkedAttention(torch.autograd.Function):
         q, k, v, bias, _, out, _, log_sum = ctx.saved_tensors
         shape = (*q.shape[:3], k.shape[2])
         bias_grad = bias is not None and ctx.needs_input_grad[3]
+        plain = _plain((grad_out, grad_log_sum, *ctx.saved_tensors))
+        low = plain and v.dtype != q.dtype  # a bfloat16 v: see above
+        v_, grad_out_ = v.to(q.dtype), grad_out.to(q.dtype)
         # p = exp2(logit - max) / sum = e / sum, and in base 2 dp/dlogit carries ln 2:
         #   dL/dlogit = p * (ln2 * (dL/dp - delta) + dL/dlog_sum),  delta = rowsum(p * dL/dp) = grad_out . out.
         # The chunks make e again; the row factors 1 / sum and ln 2 go on grad_out and delta (Nq x Dv), not on Nq x Nk.
         inv_sum = torch.exp2(-log_sum)  # (B, H, Nq, 1)
-        grad_out_p = grad_out * inv_sum
+        grad_out_p = grad_out_ * inv_sum
         grad_out_ln2 = grad_out_p * LN2
-        delta = ((grad_out * out).sum(-1, keepdim=True) * LN2 - grad_log_sum) * inv_sum
-        plain = _plain((grad_out, grad_log_sum, *ctx.saved_tensors))
+        # A bfloat16 out is rounded: then delta from the float32 terms, rowsum(e * grad_e), in the chunks.
+        delta = None if low else ((grad_out_ * out).sum(-1, keepdim=True) * LN2 - grad_log_sum) * inv_sum
+        whole_rows = len(_chunks(shape)[2]) == 1  # a chunk's dv is then all of it, rounded once
         buffers = (_scratch(shape, q), _scratch(shape, q)) if plain else (None, None)
+        rounding = _scratch(shape, v) if low else None
 
         def chunk(batch, heads, rows, index):
             e, dropped = _exp_logits(ctx, batch, heads, rows, index, buffers[0])  # (b, h, rows, Nk)
             kept = e if dropped is None else e * dropped
-            grad_v = kept.transpose(-1, -2) @ _piece(grad_out_p, batch, heads, rows)
-            grad_e = torch.matmul(_piece(grad_out_ln2, batch, heads, rows), _piece(v, batch, heads).transpose(-1, -2),
-                                  out=_buffer_for(buffers[1], e.shape))
-            delta_ = _piece(delta, batch, heads, rows)
-            if plain:
-                grad_logits = (grad_e if dropped is None else grad_e.mul_(dropped)).sub_(delta_).mul_(e)
+            inv_sum_ = _piece(inv_sum, batch, heads, rows)
+            if low and whole_rows:  # p rounded to bfloat16 once, grad_out as it came
+                grad_v = _rounded(kept, v.dtype, inv_sum_, rounding).transpose(-1, -2) @ _piece(grad_out, batch, heads, rows)
             else:
-                grad_logits = e * ((grad_e if dropped is None else grad_e * dropped) - delta_)
+                grad_v = kept.transpose(-1, -2) @ _piece(grad_out_p, batch, heads, rows)
+            grad_e = torch.matmul(_piece(grad_out_ln2, batch, heads, rows), _piece(v_, batch, heads).transpose(-1, -2),
+                                  out=_buffer_for(buffers[1], e.shape))
+            if dropped is not None:
+                grad_e = grad_e.mul_(dropped) if plain else grad_e * dropped
+            if low:
+                delta_ = (torch.linalg.vecdot(e, grad_e).unsqueeze(-1) - _piece(grad_log_sum, batch, heads, rows)) * inv_sum_
+            else:
+                delta_ = _piece(delta, batch, heads, rows)
+            grad_logits = grad_e.sub_(delta_).mul_(e) if plain else e * (grad_e - delta_)
             grad_q = grad_logits @ _piece(k, batch, heads)
             grads = (grad_q, grad_logits.transpose(-1, -2) @ _piece(q, batch, heads, rows), grad_v)
             if bias_grad:
-                grads += (grad_logits.sum_to_size(_piece(bias, batch, heads, rows).shape) * LOG2E,)
+                grads += (grad_logits.sum_to_size(_piece(bias, batch, heads, rows).shape),)
             return grads
 
         summed = ((), (2,), (2,)) + ((tuple(d for d in range(3) if bias.shape[d] == 1),) if bias_grad else ())
-        def into():
-            grads = (torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v))
+        def into():  # dv in float32 too: it is summed over the row chunks
+            grads = (torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v_))
             return grads + ((torch.zeros_like(bias),) if bias_grad else ())
 
         grad_q, grad_k, grad_v, *grad_bias = _over_chunks(shape, chunk, summed, into if plain else None)
-        return grad_q, grad_k, grad_v, grad_bias[0] if bias_grad else None, None, None, None, None
+        return grad_q, grad_k, grad_v.to(v.dtype), grad_bias[0] if bias_grad else None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, q_t, k_t, v_t, bias_t, *_):
-        q, k, v, *_, log_sum = ctx.saved_tensors
+        q, k, v, _, _, out, _, log_sum = ctx.saved_tensors
         inv_sum = torch.exp2(-log_sum)
         # The logits' tangent in natural units (ln2 * base-2): ln2 goes on the Nq x D tangents.
         q_t, k_t = ((torch.zeros_like(t) if t_t is None else t_t * LN2) for t, t_t in ((q, q_t), (k, k_t)))
-        v_t = torch.zeros_like(v) if v_t is None else v_t
+        v = v.to(q.dtype)
+        v_t = torch.zeros_like(v) if v_t is None else v_t.to(q.dtype)
 
         def chunk(batch, heads, rows, index):
             e, dropped = _exp_logits(ctx, batch, heads, rows, index, None)
             weights = e * _piece(inv_sum, batch, heads, rows)
             k_, k_t_ = _piece(k, batch, heads), _piece(k_t, batch, heads)
             logits_t = _piece(q_t, batch, heads, rows) @ k_.transpose(-1, -2) + _piece(q, batch, heads, rows) @ k_t_.transpose(-1, -2)
-            if bias_t is not None:
-                logits_t = logits_t + _piece(bias_t, batch, heads, rows)
+            if bias_t is not None:  # the bias is in base 2
+                logits_t = logits_t + _piece(bias_t, batch, heads, rows) * LN2
             mean_t = (weights * logits_t).sum(-1, keepdim=True)
             weights_t = weights * (logits_t - mean_t)
             if dropped is not None:
@@ -317,7 +359,7 @@ class _ChunkedAttention(torch.autograd.Function):
             return weights_t @ _piece(v, batch, heads) + weights @ _piece(v_t, batch, heads), mean_t * LOG2E
 
         out_t, log_sum_t = _over_chunks((*q.shape[:3], k.shape[2]), chunk, ((), ()))
-        return out_t, None, log_sum_t
+        return out_t.to(out.dtype), None, log_sum_t
 
 
 def _forward(q, k, v, bias, mask, is_causal: bool, dropout_p: float, seed: int | None) -> tuple:
@@ -327,7 +369,10 @@ def _forward(q, k, v, bias, mask, is_causal: bool, dropout_p: float, seed: int |
     """
     shape = (*q.shape[:3], k.shape[2])
     plain = _plain((q, k, v, bias, mask))
+    low = plain and v.dtype != q.dtype  # a bfloat16 v: see _ChunkedAttention
+    v_ = v if low else v.to(q.dtype)
     buffer = _scratch(shape, q) if plain else None
+    rounding = _scratch(shape, v) if low else None
 
     def chunk(batch, heads, rows, index):
         logits = _logits(_piece(q, batch, heads, rows), _piece(k, batch, heads), _piece(bias, batch, heads, rows),
@@ -340,13 +385,18 @@ def _forward(q, k, v, bias, mask, is_causal: bool, dropout_p: float, seed: int |
         if dropout_p > 0.0:
             keep = _keep_mask(seed, index, weights.shape, dropout_p, q.device)
             weights = weights.mul_(keep) if plain else weights * keep
-        return weights @ _piece(v, batch, heads), row_max, row_sum
+        if low:  # normalised, rounded to bfloat16 once; p v is then the output, rounded once
+            divisor = row_sum.masked_fill(row_sum == 0, 1.0) * (1.0 - dropout_p)
+            weights = _rounded(weights, v.dtype, divisor.reciprocal(), rounding)
+        return weights @ _piece(v_, batch, heads), row_max, row_sum
 
     def into():
-        return q.new_empty(*shape[:3], v.shape[-1]), q.new_empty(*shape[:3], 1), q.new_empty(*shape[:3], 1)
+        return v_.new_empty(*shape[:3], v.shape[-1]), q.new_empty(*shape[:3], 1), q.new_empty(*shape[:3], 1)
 
     out, row_max, row_sum = _over_chunks(shape, chunk, ((), (), ()), into if plain else None)
     row_sum = row_sum.masked_fill_(row_sum == 0, 1.0)  # a row with no key: its output 0 / 1, not 0 / 0
+    if low:
+        return out, row_max, row_sum.log2()
     # Normalised after p v, all chunks at once: Nq x Dv divisions, not Nq x Nk.
     divisor = row_sum * (1.0 - dropout_p) if dropout_p > 0.0 else row_sum
     return out.div_(divisor) if plain else out / divisor, row_max, row_sum.log2()
@@ -378,7 +428,9 @@ def attention_fallback(
     """``attention_reference``'s attention in bounded memory: what ``backend="einsum"`` runs, on any device.
 
     Same arguments and meaning (inputs as checked by ``kernels.dispatch.attention``). float16 and
-    bfloat16 are computed in float32 (logits, softmax, p v) and the output cast to v's dtype. The
+    bfloat16 are computed in float32 (logits, softmax; float16 p v too) and the output cast to v's
+    dtype; bfloat16 weights meet v in bfloat16, as in SDPA's CPU kernel (see ``_ChunkedAttention``).
+    A finite float mask never masks a key, however negative (see ``_base2_bias``). The
     scores are made CHUNK_ELEMENTS at a time, and the backward makes them again from the saved
     row log-sum-exp, so neither pass holds a (B, H, Nq, Nk) matrix. Backward, double backward,
     forward mode (``torch.func.jvp``, ``torch.autograd.forward_ad``), ``torch.func.grad``/``vjp``
@@ -395,13 +447,14 @@ def attention_fallback(
     if mask is not None:
         mask = mask[(None,) * (4 - mask.dim())]  # (B or 1, H or 1, Nq or 1, Nk or 1)
         if mask.is_floating_point():
-            bias, mask = mask.to(compute), None
+            bias, mask = _base2_bias(mask.to(compute)), None
     compiling = torch.compiler.is_compiling()
     seed = None if compiling or dropout_p == 0.0 else int(torch.randint(2**62, ()))
     # The scale (and base 2) goes on q: an Nq x D multiply, not Nq x Nk. q, k, v are not copied:
     # a chunk of one batch element is a batch of matrices the matmuls read through any strides.
     out_dtype = v.dtype
-    q, k, v = q.to(compute) * (scale * LOG2E), k.to(compute), v.to(compute)
+    q, k = q.to(compute) * (scale * LOG2E), k.to(compute)
+    v = v if v.dtype == torch.bfloat16 else v.to(compute)
     arguments = (q, k, v, bias, mask, is_causal, float(dropout_p), seed)
     if compiling:
         # Dynamo traces no autograd.Function with a jvp and makes no torch.Generator: it traces the

@@ -1,12 +1,14 @@
 """The einsum fallback, ``kernels.reference.attention_fallback``, against the float64 oracle.
 
 ``attention_fallback`` is what ``backend="einsum"`` runs: the arithmetic of ``attention_reference``
-a chunk of the score matrix at a time, float16/bfloat16 computed in float32. In order:
+a chunk of the score matrix at a time, logits and softmax of float16/bfloat16 in float32. In order:
 - the output and every gradient (q, k, v, a float mask) against ``attention_reference`` in
   float64 with the dtype rule of tests/equivalence.py: dtypes, masks with empty rows, broadcast
   biases, causal with Nq != Nk, Nq = 1, awkward and empty shapes; one chunk and many;
 - low precision: logits past float16's range, a bias of finfo.min, and no larger error than
-  PyTorch's SDPA in the same dtype;
+  PyTorch's SDPA in the same dtype; bfloat16 weights meeting v in bfloat16, as in SDPA;
+- a finite bias never masks a key: finfo(dtype).min on every key of a row, in every dtype, for
+  the einsum and the Triton backend (the interpreter on a CPU), forward and backward;
 - memory: the peak held at once, forward and backward, at N = 4096;
 - dropout: repeated by ``torch.manual_seed``, its rate, and the backward using the forward's mask;
 - autograd: double backward, forward mode, torch.func grad/vjp/jvp/vmap/jacfwd/hessian, batched
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import kernels
 from kernels import reference
 from kernels.reference import attention_fallback, attention_reference
 from tests.equivalence import assert_close_to_reference, max_error
@@ -203,6 +206,33 @@ def test_bias_of_finfo_min_on_every_key_gives_the_mean_of_v(dtype):
     assert_matches_oracle(q, k, v, bias, reference_low=sdpa)
 
 
+class Products(TorchDispatchMode):
+    """The operand dtypes of every matrix product run under it, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm):
+            self.dtypes.append((args[0].dtype, args[1].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def test_bfloat16_weights_meet_v_in_bfloat16():
+    """As in SDPA's CPU kernel: the logits and dP are float32 products (of the bfloat16 values,
+    exact), the weights meet v and grad_out in bfloat16 (the fast products of a CPU with bfloat16
+    units), rounded once; dq and dk stay float32 products, their error SDPA's (the test above)."""
+    q, k, v = (t.requires_grad_() for t in qkv(*SHAPE, dtype=torch.bfloat16))
+    f32, bf16 = torch.float32, torch.bfloat16
+    with Products() as forward:
+        out = attention_fallback(q, k, v)
+    with Products() as backward:
+        out.backward(torch.ones_like(out))
+    assert forward.dtypes == [(f32, f32), (bf16, bf16)]  # q k^T, p v
+    assert backward.dtypes == [(f32, f32), (bf16, bf16), (f32, f32), (f32, f32), (f32, f32)]  # q k^T, p^T dO, dO v^T, dS k, dS^T q
+
+
 LOW_PRECISION_CASES = {
     "random": {},
     "sharp (x3)": {"scale": 3.0},
@@ -228,6 +258,66 @@ def test_error_is_no_larger_than_sdpa_in_the_same_dtype(dtype, case):
     for name, expected in exact.items():
         error, allowed = max_error(ours[name], expected), 1.05 * max_error(theirs[name], expected) + half_ulp(expected, dtype)
         assert error <= allowed, f"{name}: error {error:.3e} > 1.05 x SDPA's {max_error(theirs[name], expected):.3e} + half an ulp"
+
+
+# ---------------------------------------------------------------------------------------------
+# A finite bias never masks a key (issue 19): only a bool mask or -inf empties a row.
+
+
+BACKEND_DTYPES = {"einsum": DTYPES, "triton": [torch.float16, torch.bfloat16, torch.float32]}
+FINFO_CASES = [
+    pytest.param(backend, dtype, bias_dtype, id=f"{backend}-{str(dtype)[6:]}-bias {str(bias_dtype)[6:]}")
+    for backend, dtypes in BACKEND_DTYPES.items()
+    for dtype in dtypes
+    for bias_dtype in [dtype] + ([torch.float32] if dtype in (torch.float16, torch.bfloat16) else [])
+]
+
+
+def finfo_min_bias(shape, dtype) -> torch.Tensor:
+    """A (B, H, Nq, Nk) bias: row 0 finfo(dtype).min on every key, row 1 on every other key (0 on
+    the rest), row 2 -inf on every key; random rows after."""
+    bias = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=f64)
+    bias[..., 0, :] = torch.finfo(dtype).min
+    bias[..., 1, :] = 0.0
+    bias[..., 1, ::2] = torch.finfo(dtype).min
+    bias[..., 2, :] = float("-inf")
+    return bias.to(dtype)
+
+
+@pytest.mark.parametrize("backend, dtype, bias_dtype", FINFO_CASES)
+def test_a_bias_of_finfo_min_on_every_key_is_no_masked_row(backend, dtype, bias_dtype):
+    """Times log2(e) a finite finfo.min overflowed to -inf in the fallback, whose row then read as
+    fully masked: zeros, where the reference and SDPA average v (q k^T is lost beside finfo.min;
+    error 1.2 against SDPA's 6e-8 in float32). Output and every gradient (q, k, v, the bias)
+    against the float64 oracle, SDPA in the same dtype setting the allowance; a -inf row stays
+    zeros."""
+    shape = (2, 3, 9, 11)
+    q, k, v = qkv(*shape, dtype=dtype)
+    bias = finfo_min_bias(shape, bias_dtype)
+
+    def attend(q, k, v, mask, **kwargs):
+        return kernels.attention(q, k, v, mask, backend=backend, **kwargs)
+
+    # SDPA takes a bias of q's dtype only; the oracle in q's dtype then sets the allowance.
+    assert_matches_oracle(q, k, v, bias, fallback=attend, reference_low=sdpa if bias_dtype == dtype else attention_reference)
+    out = attend(q, k, v, bias)
+    assert out[:, :, 0].abs().amax() > 0  # no empty row, whatever q k^T rounds to
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_floor_keeps_a_nan_bias_nan(dtype):
+    """The raise of finite biases leaves NaN NaN, as in SDPA: that query row's output and bias
+    gradient are NaN, the other rows untouched (tests/test_mask_values.py has the full pattern)."""
+    shape = (1, 2, 5, 7)
+    q, k, v = qkv(*shape, dtype=dtype)
+    bias = finfo_min_bias(shape, dtype)
+    bias[0, 1, 3, 4] = float("nan")
+    out = forward_backward(attention_fallback, q, k, v, bias, torch.ones(*shape[:3], 16))
+    nan_row = torch.zeros(shape[:3], dtype=torch.bool)
+    nan_row[0, 1, 3] = True
+    assert out["output"][nan_row].isnan().all() and not out["output"][~nan_row].isnan().any()
+    assert out["grad mask"][nan_row].isnan().all() and not out["grad mask"][~nan_row].isnan().any()
 
 
 # ---------------------------------------------------------------------------------------------

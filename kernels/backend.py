@@ -3,7 +3,7 @@
   ``"triton"``  the fused kernels of ``kernels/triton/``: CUDA tensors, or CPU tensors when
                 Triton's interpreter is on (``TRITON_INTERPRET=1``, how the tests run the real
                 kernels without a GPU). Input they cannot take is a one-line error.
-  ``"einsum"``  the fallback of ``kernels/reference.py``: any device, any float dtype, every
+  ``"einsum"``  the fallback of ``kernels/reference/``: any device, any float dtype, every
                 autograd transform; float16/bfloat16 computed in float32, memory bounded.
   ``"auto"``    triton where the kernels can take the input (device, dtype, head dim, sizes,
                 autograd mode), einsum otherwise with a one-time warning naming why.

@@ -1,6 +1,6 @@
 """The public functions: each checks its input (``kernels/checks.py``), picks the backend
 (``kernels/backend.py``) and calls the Triton kernels (``kernels/triton/``) or the einsum
-fallback (``kernels/reference.py``). The one dispatch point.
+fallback (``kernels/reference/``). The one dispatch point.
 """
 
 from __future__ import annotations

@@ -30,8 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import kernels
-from kernels import reference
-from kernels.reference import attention_fallback, attention_reference
+from kernels.reference import attention_fallback, attention_reference, fallback
 from tests.equivalence import assert_close_to_reference, max_error
 
 f64 = torch.float64
@@ -54,7 +53,7 @@ def one_thread():
 @pytest.fixture(params=["one chunk", "many chunks"])
 def chunks(request, monkeypatch):
     if request.param == "many chunks":
-        monkeypatch.setattr(reference, "CHUNK_ELEMENTS", MANY_CHUNKS)
+        monkeypatch.setattr(fallback, "CHUNK_ELEMENTS", MANY_CHUNKS)
     return request.param
 
 
@@ -148,8 +147,8 @@ def test_every_way_of_cutting_matches_oracle(monkeypatch, budget, mask_kind):
     shape = (3, 4, 17, 23)
     _, heads, n_queries, n_keys = shape
     elements = {"batch elements": 2 * heads * n_queries * n_keys, "heads": 3 * n_queries * n_keys, "rows": 5 * n_keys, "one row": 1}
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", elements[budget])
-    batches, head_cuts, row_cuts = reference._chunks(shape)
+    monkeypatch.setattr(fallback, "CHUNK_ELEMENTS", elements[budget])
+    batches, head_cuts, row_cuts = fallback._chunks(shape)
     cut = {"batch elements": len(batches) > 1, "heads": len(head_cuts) > 1, "rows": len(row_cuts) > 1, "one row": len(row_cuts) == n_queries}
     assert cut[budget]
     q, k, v = qkv(*shape)
@@ -434,8 +433,8 @@ def test_dropout_backward_uses_the_forward_mask(dtype, chunks):
 
 
 def test_dropout_check_catches_a_backward_with_a_new_mask(monkeypatch):
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", MANY_CHUNKS)
-    draw = reference._keep_mask
+    monkeypatch.setattr(fallback, "CHUNK_ELEMENTS", MANY_CHUNKS)
+    draw = fallback._keep_mask
     calls = []
 
     def redrawn_in_backward(seed, index, shape, dropout_p, device):
@@ -443,7 +442,7 @@ def test_dropout_check_catches_a_backward_with_a_new_mask(monkeypatch):
         forward_done = calls.count(index) > 2  # the forward and return_dropout_mask draw each chunk once
         return draw(seed + forward_done, index, shape, dropout_p, device)
 
-    monkeypatch.setattr(reference, "_keep_mask", redrawn_in_backward)
+    monkeypatch.setattr(fallback, "_keep_mask", redrawn_in_backward)
     q, k, v = qkv(*SHAPE)
     with pytest.raises(AssertionError, match="grad"):
         assert_dropout_matches_oracle(q, k, v)
@@ -460,7 +459,7 @@ SMALL = (2, 2, 5, 7)
 def small_chunks(request, monkeypatch):
     """For SMALL: everything in one chunk, or chunks of two query rows of one head."""
     if request.param == "rows":
-        monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 2 * SMALL[3])
+        monkeypatch.setattr(fallback, "CHUNK_ELEMENTS", 2 * SMALL[3])
     return request.param
 
 
@@ -539,7 +538,7 @@ def test_torch_func_transforms_equal_the_oracles(small_chunks):
 
 def test_compiles_fullgraph_with_gradients(monkeypatch):
     """torch.compile traces the chunks' ops (Dynamo takes no autograd.Function with a jvp); two chunks here."""
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", math.prod(SMALL[1:]))
+    monkeypatch.setattr(fallback, "CHUNK_ELEMENTS", math.prod(SMALL[1:]))
     q, k, v, bias = (t.requires_grad_() for t in small_inputs())
 
     def attend(q, k, v, bias):

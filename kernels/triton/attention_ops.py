@@ -47,204 +47,29 @@ Inputs and layout
   the expanded mask and, with dropout, Nq * Nk must stay below 2**31 elements per slice.
 """
 
-import dataclasses
-
 import torch
-import triton
 
 from kernels import reference
 from kernels.checks import head_dim_problem
-from kernels.triton.attention_bwd import (
-    _attention_backward_delta_kernel,
+from kernels.triton.attention_bwd import (  # noqa: F401  (the kernels, as tests reach them: see launch.py)
     _attention_backward_kv_kernel,
     _attention_backward_q_kernel,
     _dropout_keep_mask_kernel,
 )
-from kernels.triton.attention_fwd import _attention_forward_kernel
-from kernels.triton.configs import (
-    _KEEP_MASK_BLOCK_M,
-    _KEEP_MASK_BLOCK_N,
-    _PREPASS_BLOCK_M,
-    LOG2E,
-    MASK_BIAS,
-    MASK_BOOL,
-    MASK_NONE,
+from kernels.triton.attention_fwd import _attention_forward_kernel  # noqa: F401
+from kernels.triton.configs import _KEEP_MASK_BLOCK_M, _KEEP_MASK_BLOCK_N
+from kernels.triton.launch import (  # noqa: F401  (attention_grid, _head_dim_split, _kernel_constants: read by tests)
+    _dense_layout,
+    _head_dim_split,
+    _kernel_constants,
+    _launch_backward,
+    _launch_forward,
+    _Layout,
+    attention_grid,
 )
-from kernels.triton.utils import INTERPRETING
 
 # ---------------------------------------------------------------------------------------------
-# Launch helpers, the custom ops and their autograd.
-
-
-def attention_grid(n_rows: int, batch_heads: int, block_rows: int) -> tuple[int]:
-    """One program per block of ``block_rows`` rows per (batch, head), all on grid axis 0.
-
-    Axis 0 takes up to 2**31 - 1 programs where axes 1 and 2 stop at 65,535, so batch * heads
-    is not limited by the grid.
-    """
-    return (triton.cdiv(n_rows, block_rows) * batch_heads,)
-
-
-def _mask_arguments(q, k, mask):
-    """(pointer, its four (B, H, Nq, Nk) strides, MASK_KIND); q stands in for an absent mask, unread."""
-    if mask is None:
-        return q, (0, 0, 0, 0), MASK_NONE
-    batch, heads, seqlen_q, _ = q.shape
-    expanded = mask.expand(batch, heads, seqlen_q, k.shape[2])  # a view: broadcast dims get stride 0
-    return expanded, expanded.stride(), MASK_BOOL if mask.dtype == torch.bool else MASK_BIAS
-
-
-def _row_align(*tensors: torch.Tensor) -> int:
-    """ROW_ALIGN for kernels that read or write ``tensors`` (of one dtype): 16 bytes in elements if
-    every stride but the head dim's is a multiple of it, so each row of each (batch, head) slice
-    starts 16 bytes apart from the pointer (vector loads and cp.async then apply), else 1."""
-    vector = 16 // tensors[0].element_size()
-    return vector if all(stride % vector == 0 for t in tensors for stride in t.stride()[:-1]) else 1
-
-
-def _head_dim_split(head_dim: int, head_dim_v: int, exact_fp32: bool) -> tuple[int, int] | None:
-    """(first piece, second piece) of the kernels' head dim, or None to pad it to a power of two.
-
-    A head dim of 72-96 padded to 128 spends 25-44% of each q k^T and p v product on zeros; as
-    64 + 16 (72, 80) or 64 + 32 (88, 96) the padding is 0-10%, for a second, smaller tensor-core
-    product per dot. So: the largest power of two below it, then the rest rounded up to a power of
-    two of at least 16 (a tensor core's depth), where that is less than the padded width. Only
-    with D = Dv (one split serves both dots) and tensor-core dots; forward and backward alike.
-    """
-    if head_dim != head_dim_v or exact_fp32:
-        return None
-    padded = triton.next_power_of_2(head_dim)
-    first = padded // 2
-    if head_dim <= first or first < 32:
-        return None
-    second = max(16, triton.next_power_of_2(head_dim - first))
-    return (first, second) if first + second < padded else None
-
-
-def _kernel_constants(q, v, dropout_p, allow_tf32):
-    """The constexprs every attention kernel takes, from the inputs."""
-    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
-    return {
-        "HEAD_DIM": head_dim,
-        "HEAD_DIM_V": head_dim_v,
-        "BLOCK_D": triton.next_power_of_2(head_dim),
-        "BLOCK_DV": triton.next_power_of_2(head_dim_v),
-        "HAS_DROPOUT": dropout_p > 0.0,
-        "EXACT_FP32_DOTS": q.dtype == torch.float32 and not allow_tf32,
-        # Interpreting bf16: dots upcast to fp32, and fp32 -> bf16 casts rounded as a GPU rounds them.
-        "UPCAST_DOTS": INTERPRETING and q.dtype == torch.bfloat16,
-    }
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    """How the kernels index one call's tensors: dense (B, H, N, D), or packed sequences.
-
-    Packed (varlen): q, k, v, out and their gradients are (total, H, D) and the kernels see them
-    as (n_seqs, H, longest, D) with a batch stride of 0, each sequence's first row read from
-    ``cu_seqlens``; the statistics and delta are (2, H, total_q) and (H, total_q).
-    """
-
-    batch: int  # batches, or packed sequences
-    heads: int
-    seqlen_q: int  # the lengths, or the longest of the packed sequences (the grid is sized by them)
-    seqlen_k: int
-    cu_seqlens_q: torch.Tensor | None = None
-    cu_seqlens_k: torch.Tensor | None = None
-
-    @property
-    def varlen(self) -> bool:
-        return self.cu_seqlens_q is not None
-
-    def strides(self, t: torch.Tensor) -> tuple[int, int, int, int]:
-        """(batch, head, row, head dim) strides of q, k, v, out or a gradient."""
-        return (0, t.stride(1), t.stride(0), t.stride(2)) if self.varlen else t.stride()
-
-    def stats_strides(self, stats: torch.Tensor) -> tuple[int, int, int]:
-        """(between max and log-sum, batch, head) strides of the statistics; delta's (batch, head) too."""
-        return (stats.stride(0), 0, stats.stride(1)) if self.varlen else stats.stride()[:3]
-
-    def cu_seqlens(self, stand_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cu_seqlens pointers; dense, any tensor stands in (unread)."""
-        return (self.cu_seqlens_q, self.cu_seqlens_k) if self.varlen else (stand_in, stand_in)
-
-
-def _dense_layout(q, k) -> _Layout:
-    return _Layout(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-
-
-def _launch_forward(layout, q, k, v, mask, dropout_seed, scale, dropout_p, is_causal, allow_tf32, out, stats):
-    """Fill ``out`` and ``stats`` with the forward kernel."""
-    mask_ptr, mask_strides, mask_kind = _mask_arguments(q, k, mask)
-    seed = dropout_seed if dropout_seed is not None else stats  # unread without dropout
-    stride_stats, stride_stats_b, stride_stats_h = layout.stats_strides(stats)
-
-    def grid(meta):
-        return attention_grid(layout.seqlen_q, layout.batch * layout.heads, meta["BLOCK_M"])
-
-    constants = _kernel_constants(q, v, dropout_p, allow_tf32)
-    split = _head_dim_split(q.shape[-1], v.shape[-1], constants["EXACT_FP32_DOTS"])
-    if split is not None:
-        constants["BLOCK_D"] = constants["BLOCK_DV"] = split[0]
-    torch.library.wrap_triton(_attention_forward_kernel)[grid](
-        q, k, v, mask_ptr, seed, out, stats, *layout.cu_seqlens(stats),
-        *layout.strides(q), *layout.strides(k), *layout.strides(v), *mask_strides, *layout.strides(out),
-        stride_stats, stride_stats_b, stride_stats_h,
-        layout.heads, layout.seqlen_q, layout.seqlen_k, scale * LOG2E, dropout_p,
-        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, NEGATIVE_SCALE=scale < 0, ROW_ALIGN=_row_align(q, k, v, out),
-        VARLEN=layout.varlen, SPLIT_D=split is not None, BLOCK_D_LO=split[1] if split else 16, **constants,
-    )
-
-
-def _launch_backward(
-    layout, grad_out, q, k, v, out, stats, mask, dropout_seed, scale, dropout_p, is_causal, allow_tf32,
-    bias_needs_grad, grad_q, grad_k, grad_v, delta, grad_bias,
-):
-    """Fill ``delta``, ``grad_q``, ``grad_k``, ``grad_v`` (and ``grad_bias``) with the backward kernels."""
-    constants = _kernel_constants(q, v, dropout_p, allow_tf32)
-    constants["ROW_ALIGN"] = _row_align(q, k, v, out, grad_out, grad_q, grad_k, grad_v)
-    padded_dv = constants["BLOCK_DV"]  # the delta pre-pass reads whole rows
-    split = _head_dim_split(q.shape[-1], v.shape[-1], constants["EXACT_FP32_DOTS"])
-    if split is not None:
-        constants["BLOCK_D"] = constants["BLOCK_DV"] = split[0]
-    constants.update(SPLIT_D=split is not None, BLOCK_D_LO=split[1] if split else 16)
-    mask_ptr, mask_strides, mask_kind = _mask_arguments(q, k, mask)
-    seed = dropout_seed if dropout_seed is not None else stats  # unread without dropout
-    stride_stats, stride_stats_b, stride_stats_h = layout.stats_strides(stats)
-    cu_seqlens = layout.cu_seqlens(stats)
-
-    # delta per query row: packed, the rows of every sequence are one batch of total_q rows.
-    delta_batch, delta_rows = (1, q.shape[0]) if layout.varlen else (layout.batch, layout.seqlen_q)
-    torch.library.wrap_triton(_attention_backward_delta_kernel)[
-        attention_grid(delta_rows, delta_batch * layout.heads, _PREPASS_BLOCK_M)
-    ](
-        out, grad_out, delta, *layout.strides(out), *layout.strides(grad_out), layout.heads, delta_rows,
-        HEAD_DIM_V=v.shape[-1], BLOCK_DV=padded_dv, ROW_ALIGN=constants["ROW_ALIGN"],
-        BLOCK_M=_PREPASS_BLOCK_M,
-    )
-
-    def kv_grid(meta):
-        return attention_grid(layout.seqlen_k, layout.batch * layout.heads, meta["BLOCK_N"])
-
-    torch.library.wrap_triton(_attention_backward_kv_kernel)[kv_grid](
-        q, k, v, mask_ptr, seed, grad_out, stats, delta, grad_k, grad_v, *cu_seqlens,
-        *layout.strides(q), *layout.strides(k), *layout.strides(v), *mask_strides, *layout.strides(grad_out),
-        *layout.strides(grad_k), *layout.strides(grad_v), stride_stats, stride_stats_b, stride_stats_h,
-        layout.heads, layout.seqlen_q, layout.seqlen_k, scale, scale * LOG2E, dropout_p,
-        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, VARLEN=layout.varlen, **constants,
-    )
-
-    def q_grid(meta):
-        return attention_grid(layout.seqlen_q, layout.batch * layout.heads, meta["BLOCK_M"])
-
-    # Without a bias gradient the dQ kernel gets delta in its place, never written (BIAS_NEEDS_GRAD off).
-    torch.library.wrap_triton(_attention_backward_q_kernel)[q_grid](
-        q, k, v, mask_ptr, seed, grad_out, stats, delta, grad_q, grad_bias if bias_needs_grad else delta, *cu_seqlens,
-        *layout.strides(q), *layout.strides(k), *layout.strides(v), *mask_strides, *layout.strides(grad_out),
-        *layout.strides(grad_q), stride_stats, stride_stats_b, stride_stats_h,
-        layout.heads, layout.seqlen_q, layout.seqlen_k, scale, scale * LOG2E, dropout_p,
-        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, BIAS_NEEDS_GRAD=bias_needs_grad, VARLEN=layout.varlen, **constants,
-    )
+# The custom ops and their autograd.
 
 
 @torch.library.triton_op("vitriton::attention_forward", mutates_args={})

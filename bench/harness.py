@@ -26,6 +26,8 @@ from bench.roofline import MachineLimits, Work
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+# Why a provider is not timed on a CPU-only machine (bench/conftest.py says each once, not per case).
+TRITON_NEEDS_GPU = "Triton needs a CUDA GPU (its CPU interpreter times numpy)"
 NEEDS_GPU = "needs a CUDA GPU"
 COMPILED_ON_GPU_ONLY = "compiled runs are timed on a GPU only (compiling would dominate a CPU run)"
 WARMUP_CALLS = 3  # the first compiles/autotunes; the next two settle caches and the allocator
@@ -74,11 +76,6 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def require_gpu(reason: str = NEEDS_GPU) -> None:
-    if not ON_GPU:
-        pytest.skip(reason)
-
-
 class BenchCase:
     """What the benchmark cases share (frozen dataclasses with ``shape``, the model the sizes come
     from, ``batch``, ``dtype`` and ``backward``): the pass, the pytest-benchmark group, the id and
@@ -108,9 +105,24 @@ class BenchCase:
                 "dtype": DTYPE_NAMES[self.dtype], "pass": self.passes, **where}
 
 
-def case_params(cases: dict) -> list:
-    """One pytest parameter per case: its id (readable in the JSON) and its benchmark group."""
-    return [pytest.param(case_id, id=case_id, marks=pytest.mark.benchmark(group=case.group)) for case_id, case in cases.items()]
+def case_marks(case, in_default: bool) -> list:
+    """Its benchmark group, and ``sweep`` when it is timed only under ``--bench-sweep``."""
+    return [pytest.mark.benchmark(group=case.group)] + ([] if in_default else [pytest.mark.sweep])
+
+
+def case_params(cases: dict, in_default) -> list:
+    """One pytest parameter per case: its id (readable in the JSON), its benchmark group, and the
+    ``sweep`` mark unless ``in_default(case)``: the default run times a few representative sizes."""
+    return [pytest.param(case_id, id=case_id, marks=case_marks(case, in_default(case))) for case_id, case in cases.items()]
+
+
+def provider_params(providers: dict) -> list:
+    """One pytest parameter per provider of ``{name: (role, why it cannot run on a CPU, or None)}``;
+    those that cannot are marked ``cuda_only(reason)``: left out on a CPU-only machine."""
+    return [
+        pytest.param(name, id=name, marks=[pytest.mark.cuda_only(reason=reason)] if reason else [])
+        for name, (_, reason) in providers.items()
+    ]
 
 
 @contextlib.contextmanager

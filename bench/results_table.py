@@ -1,6 +1,6 @@
 """pytest-benchmark's JSON -> the markdown of bench/RESULTS.md.
 
-    PYTHONPATH=. python3 -m pytest bench --benchmark-only --benchmark-json=bench/gpu.json
+    PYTHONPATH=. python3 -m pytest bench --benchmark-only --bench-sweep --benchmark-json=bench/gpu.json
     python3 bench/results_table.py bench/gpu.json > bench/RESULTS.md
 
 Per group (one shape, batch, dtype and pass): each provider's median time, TFLOP/s, GB/s, the
@@ -19,12 +19,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 GPU_COMMAND = (
-    "PYTHONPATH=. python3 -m pytest bench --benchmark-only --benchmark-json=bench/gpu.json "
+    "PYTHONPATH=. python3 -m pytest bench --benchmark-only --bench-sweep --benchmark-json=bench/gpu.json "
     "&& python3 bench/results_table.py bench/gpu.json > bench/RESULTS.md"
 )
 TARGET_ATTENTION = "vit_b16-n197-b256 or vit_l16_384-n577-b64"
 GPU_PIECES = [
-    "export PYTHONPATH=.; run='python3 -m pytest --benchmark-only --benchmark-max-time=0.25'",
+    "export PYTHONPATH=.; run='python3 -m pytest --benchmark-only --bench-sweep --benchmark-max-time=0.25'",
     f'$run bench/test_attention.py -k "{TARGET_ATTENTION}" --benchmark-json=bench/gpu-1.json',
     "$run bench/test_patch_embed.py --benchmark-json=bench/gpu-2.json",
     "$run bench/test_model.py --benchmark-json=bench/gpu-3.json",
@@ -108,8 +108,8 @@ def cpu_notice(data: dict) -> list[str]:
     cpu = data.get("machine_info", {}).get("cpu", {})
     return [
         ("> **This is a CPU run: the einsum reference against PyTorch's SDPA (math and default) at small "
-        "sizes, not the GPU figures.** Our Triton kernels and every CUDA-only peer were skipped "
-        f"(\"needs a CUDA GPU\"). The host ({cpu.get('count', '?')} cores) was shared with other jobs, "
+        "sizes, not the GPU figures.** Our Triton kernels and every CUDA-only peer were left out "
+        f"(the reasons close each section). The host ({cpu.get('count', '?')} cores) was shared with other jobs, "
         "so the timings are noisy (the limits were measured under the same load, so a fraction can "
         "pass 100%); they show that the harness runs and what the table looks like."),
         "",

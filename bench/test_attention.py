@@ -7,9 +7,10 @@ timed call: our kernel and SDPA read the permuted (B, H, N, D) views in place, a
 flash-attn and xformers read (B, N, H, D) views; a peer that refuses strided views is retried on
 contiguous copies made in the timed call (recorded as ``inputs``).
 
-On a GPU: ViT-S/B/L/16 at 224 (N=197) and 384 (N=577), ViT-H/14 (H=16, D=80, N=257), the
-tutorial's 8 heads of 96; batch 1, 64, 256; bf16 and fp16; forward and forward + backward.
-On a CPU: the einsum reference against SDPA at B=2, H=2, N=50 and 197, D=64, float32.
+On a GPU, with ``--bench-sweep``: ViT-S/B/L/16 at 224 (N=197) and 384 (N=577), ViT-H/14 (H=16,
+D=80, N=257), the tutorial's 8 heads of 96; batch 1, 64, 256; bf16 and fp16; forward and forward +
+backward. By default the sizes the targets name: ViT-B/16 at B=256 and ViT-L/16-384 at B=64, bf16.
+On a CPU: the einsum reference against SDPA at B=2, H=2, D=64, float32, N=197 (and N=50 in the sweep).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from bench.harness import (
     DEVICE,
     NEEDS_GPU,
     ON_GPU,
+    TRITON_NEEDS_GPU,
     BenchCase,
     case_params,
     measure,
-    require_gpu,
+    provider_params,
     synchronize,
 )
 from bench.roofline import attention_work
@@ -83,10 +85,19 @@ else:  # small enough for a CPU run in seconds
         for backward in (False, True)
     ]
 CASES = {case.id: case for case in CASE_LIST}
+TARGET_SIZES = {("ViT-B/16", 256), ("ViT-L/16-384", 64)}  # (shape, batch) the targets name (bench/results_table.py)
+
+
+def in_default(case: Case) -> bool:
+    """Timed without ``--bench-sweep``: the target sizes in bf16 on a GPU, N=197 on a CPU."""
+    if ON_GPU:
+        return (case.shape, case.batch) in TARGET_SIZES and case.dtype == torch.bfloat16
+    return case.tokens == 197
+
 
 # provider -> (role, why it does not run on a CPU, or None)
 PROVIDERS = {
-    "vitriton": ("ours", NEEDS_GPU),
+    "vitriton": ("ours", TRITON_NEEDS_GPU),
     "einsum": ("reference", None),
     "sdpa": ("peer", None),  # PyTorch's own choice of backend
     "sdpa-flash": ("peer", NEEDS_GPU),
@@ -166,13 +177,11 @@ def timed_unit(attend, qkv, grad_out):
     return forward_backward
 
 
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-@pytest.mark.parametrize("case_id", case_params(CASES))
+@pytest.mark.parametrize("provider", provider_params(PROVIDERS))
+@pytest.mark.parametrize("case_id", case_params(CASES, in_default))
 def test_attention(benchmark, machine_limits, case_id: str, provider: str):
     case = CASES[case_id]
-    role, cpu_skip = PROVIDERS[provider]
-    if cpu_skip:
-        require_gpu(cpu_skip)
+    role, _ = PROVIDERS[provider]
     b, n, h, d = case.batch, case.tokens, case.heads, case.head_dim
     qkv = torch.randn(b, n, 3, h, d, device=DEVICE, dtype=case.dtype, requires_grad=case.backward)  # (B, N, 3, H, D)
     layout = (b, n, h, d) if provider in ("flash-attn", "xformers") else (b, h, n, d)

@@ -8,17 +8,18 @@ the backward is the gradient of qkv (``timed_unit`` of bench/test_attention.py).
 
 ViT-B/16 heads (H = 12, D = 64) at N = 197 (224 px) and 577 (384 px), batch 1 and 8, float32 and
 bfloat16, forward and forward + backward; and one long sequence (N = 4096, batch 1, forward),
-where the fallback's bounded memory matters. There ``extra_info`` holds each provider's peak:
+where the fallback's bounded memory matters. By default only N = 197 at batch 1 (four groups);
+``--bench-sweep`` times them all. There ``extra_info`` holds each provider's peak:
 the most bytes of tensors its ops held at once (``PeakMemory`` of tests/test_fallback.py, one
 untimed call); memory a kernel uses inside itself without a tensor (SDPA's per-thread buffers)
 is not seen. The fallback's ``extra_info["fallback_over_sdpa"]`` is its median over SDPA's in the
 same group (SDPA runs first). The bfloat16 ratios depend on the CPU kind: with AMX (``amx_bf16``)
 SDPA makes all its products in bfloat16, several times faster than float32, where the fallback
 makes only p v and p^T grad_out so (its logits and dS products stay float32, see
-kernels/reference.py). So the run's header names the CPU, and each result keeps
+kernels/reference.py). So the table that closes the run names the CPU, and each result keeps
 ``extra_info["cpu"]`` (model, ``amx_bf16``, ``avx512_bf16``) and ``extra_info["torch_threads"]``.
 
-    pytest bench/test_fallback.py --benchmark-only
+    pytest bench/test_fallback.py --benchmark-only --bench-sweep
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.harness import cpu_kind, measure
+from bench.harness import case_marks, cpu_kind, measure
 from bench.roofline import attention_work
 from bench.test_attention import Case as AttentionCase
 from bench.test_attention import heads_first, timed_unit
@@ -58,6 +59,12 @@ CASE_LIST = [
 ] + [Case("long", 12, 4096, 64, 1, torch.float32, False)]
 CASES = {case.id: case for case in CASE_LIST}
 
+
+def in_default(case: Case) -> bool:
+    """Timed without ``--bench-sweep``: ViT-B/16 at 224 px, batch 1."""
+    return case.tokens == 197 and case.batch == 1
+
+
 # provider -> (role, attend(q, k, v)); SDPA first, so the fallback's ratio to it is known when it runs.
 PROVIDERS = {
     "sdpa": ("peer", F.scaled_dot_product_attention),
@@ -69,7 +76,7 @@ SDPA_MEDIANS: dict[str, float] = {}  # group -> SDPA's median seconds, this sess
 def parameters() -> list:
     """(case, provider) in the order they must run: SDPA, then the fallback, group by group."""
     return [
-        pytest.param(case_id, provider, id=f"{case_id}-{provider}", marks=pytest.mark.benchmark(group=case.group))
+        pytest.param(case_id, provider, id=f"{case_id}-{provider}", marks=case_marks(case, in_default(case)))
         for case_id, case in CASES.items()
         for provider in PROVIDERS
     ]

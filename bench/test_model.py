@@ -7,7 +7,8 @@ nn modules; timm's ViT uses ``F.scaled_dot_product_attention`` (its ``fused_attn
 Each result records images/s, an approximate TFLOP/s (bench/roofline.py counts the matmuls) and,
 on a GPU, the peak memory allocated while timing (``torch.cuda.max_memory_allocated``).
 
-On a GPU: ViT-B/16 and ViT-L/16 at 224. On a CPU: ViT-Ti/16 inference at B=2 in float32.
+On a GPU: ViT-B/16 at 224 (and ViT-L/16 with ``--bench-sweep``). On a CPU: ViT-Ti/16 inference at
+B=2 in float32.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from bench.harness import (
     COMPILED_ON_GPU_ONLY,
     DEVICE,
     DTYPE_NAMES,
-    NEEDS_GPU,
     ON_GPU,
+    TRITON_NEEDS_GPU,
     case_params,
     cudnn_autotuned,
     measure,
-    require_gpu,
+    provider_params,
     synchronize,
 )
 from bench.roofline import model_work, vit_forward_flops
@@ -68,12 +69,18 @@ else:
     CASE_LIST = [Case("vit_tiny_patch16_224", 2, False, torch.float32)]
 CASES = {case.id: case for case in CASE_LIST}
 
+
+def in_default(case: Case) -> bool:
+    """Timed without ``--bench-sweep``: every size but ViT-L/16."""
+    return not case.model.startswith("vit_large")
+
+
 # provider -> (role, why it does not run on a CPU, or None)
 PROVIDERS = {
-    "vitriton-fused": ("ours", NEEDS_GPU),
+    "vitriton-fused": ("ours", TRITON_NEEDS_GPU),
     "vitriton-unfused": ("reference", None),
     "timm": ("peer", None),
-    "vitriton-fused-compiled": ("ours", NEEDS_GPU),
+    "vitriton-fused-compiled": ("ours", TRITON_NEEDS_GPU),
     "vitriton-unfused-compiled": ("reference", COMPILED_ON_GPU_ONLY),
     "timm-compiled": ("peer", COMPILED_ON_GPU_ONLY),
 }
@@ -88,13 +95,11 @@ def build_model(provider: str, case: Case) -> torch.nn.Module:
     return model.to(DEVICE).train(case.train)
 
 
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-@pytest.mark.parametrize("case_id", case_params(CASES))
+@pytest.mark.parametrize("provider", provider_params(PROVIDERS))
+@pytest.mark.parametrize("case_id", case_params(CASES, in_default))
 def test_model(benchmark, machine_limits, case_id: str, provider: str):
     case = CASES[case_id]
-    role, cpu_skip = PROVIDERS[provider]
-    if cpu_skip:
-        require_gpu(cpu_skip)
+    role, _ = PROVIDERS[provider]
     config = vit.PRESETS[case.model]
     model = build_model(provider, case)
     forward = torch.compile(model) if provider.endswith("-compiled") else model

@@ -6,8 +6,8 @@ transpose to (B, N, D), concatenate the class token, add the position embeddings
 algorithm. The einsum reference is timed too. The images are data: only the weight, bias, class
 token and position embeddings take gradients in the backward pass, as in training.
 
-On a GPU: ViT-B/16 at 224 (B=256), ViT-L/16 at 224 and ViT-B/16 at 384 (B=64), bf16, forward
-and forward + backward. On a CPU: a 64x64 image, P=16, D=192, B=2, float32.
+On a GPU: ViT-B/16 at 224 (B=256), and with ``--bench-sweep`` ViT-L/16 at 224 and ViT-B/16 at 384
+(B=64), bf16, forward and forward + backward. On a CPU: a 64x64 image, P=16, D=192, B=2, float32.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import kernels
 from bench.harness import (
     COMPILED_ON_GPU_ONLY,
     DEVICE,
-    NEEDS_GPU,
     ON_GPU,
+    TRITON_NEEDS_GPU,
     BenchCase,
     case_params,
     cudnn_autotuned,
     measure,
-    require_gpu,
+    provider_params,
     synchronize,
 )
 from bench.roofline import patch_embed_work
@@ -67,9 +67,15 @@ else:
     CASE_LIST = [Case("small", 64, 16, 192, 2, torch.float32, backward) for backward in (False, True)]
 CASES = {case.id: case for case in CASE_LIST}
 
+
+def in_default(case: Case) -> bool:
+    """Timed without ``--bench-sweep``: ViT-B/16 at 224 on a GPU, the one size on a CPU."""
+    return case.shape in ("ViT-B/16", "small")
+
+
 # provider -> (role, why it does not run on a CPU, or None)
 PROVIDERS = {
-    "vitriton": ("ours", NEEDS_GPU),
+    "vitriton": ("ours", TRITON_NEEDS_GPU),
     "einsum": ("reference", None),
     "conv2d": ("peer", None),
     "conv2d-compiled": ("peer", COMPILED_ON_GPU_ONLY),
@@ -96,13 +102,11 @@ def embedder(provider: str):
     raise ValueError(f"unknown provider {provider!r}")
 
 
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-@pytest.mark.parametrize("case_id", case_params(CASES))
+@pytest.mark.parametrize("provider", provider_params(PROVIDERS))
+@pytest.mark.parametrize("case_id", case_params(CASES, in_default))
 def test_patch_embed(benchmark, machine_limits, case_id: str, provider: str):
     case = CASES[case_id]
-    role, cpu_skip = PROVIDERS[provider]
-    if cpu_skip:
-        require_gpu(cpu_skip)
+    role, _ = PROVIDERS[provider]
     n_tokens = 1 + (case.image // case.patch) ** 2
 
     def param(*shape, scale=0.02):

@@ -9,8 +9,9 @@ One group per (mix, dtype, pass), the providers on the same packed q, k, v (tota
   flash-attn-varlen      ``flash_attn_varlen_func`` when importable (GPU only)
 
 Mixes: 8 images of 224-1024 px at patch 14 (a VLM's native-resolution batch) on a GPU, whole and
-cut into Qwen2.5-VL's windows of 8 x 8 patches (64 tokens, fewer at the edges); on a CPU a smaller
-one (4 images of 112-336 px). Work is counted over the per-image (per-window) blocks only.
+(with ``--bench-sweep``) cut into Qwen2.5-VL's windows of 8 x 8 patches (64 tokens, fewer at the
+edges); on a CPU a smaller one (4 images of 112-336 px), float32 (and bfloat16 in the sweep). Work
+is counted over the per-image (per-window) blocks only.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from bench.harness import (
     COMPILED_ON_GPU_ONLY,
     DEVICE,
     DTYPE_NAMES,
+    NEEDS_GPU,
     ON_GPU,
     case_params,
     measure,
-    require_gpu,
+    provider_params,
     synchronize,
 )
 from bench.roofline import Work, attention_work
@@ -82,12 +84,19 @@ MIXES = {
     for dtype in dtypes
     for backward in (False, True)
 }
+
+
+def in_default(mix: Mix) -> bool:
+    """Timed without ``--bench-sweep``: whole images (no windows), bf16 on a GPU, float32 on a CPU."""
+    return not mix.window and mix.dtype == (torch.bfloat16 if ON_GPU else torch.float32)
+
+
 PROVIDERS = {  # name: (role, why it cannot run on a CPU or None)
     "ours": ("ours", None),
     "sdpa-per-image": ("peer", None),
     "sdpa-block-diagonal": ("peer", None),
     "flex-document": ("peer", COMPILED_ON_GPU_ONLY),
-    "flash-attn-varlen": ("peer", "flash-attn runs on CUDA only"),
+    "flash-attn-varlen": ("peer", NEEDS_GPU),
 }
 
 
@@ -120,13 +129,11 @@ def varlen_call(provider: str, cu_seqlens: torch.Tensor, lengths: list[int]):
     raise ValueError(f"unknown provider {provider!r}")
 
 
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-@pytest.mark.parametrize("mix_id", case_params(MIXES))
+@pytest.mark.parametrize("provider", provider_params(PROVIDERS))
+@pytest.mark.parametrize("mix_id", case_params(MIXES, in_default))
 def test_attention_varlen(benchmark, machine_limits, mix_id: str, provider: str):
     mix = MIXES[mix_id]
-    role, cpu_skip = PROVIDERS[provider]
-    if cpu_skip:
-        require_gpu(cpu_skip)
+    role, _ = PROVIDERS[provider]
     lengths = mix.lengths
     starts = [0]
     for n in lengths:

@@ -11,10 +11,20 @@ Hypothesis profiles, chosen by the environment variable ``VITRITON_HYPOTHESIS``:
   (every ``@given`` test today). A failure prints its ``@reproduce_failure`` line, and the example
   database (``.hypothesis/``) replays it first on the next fresh run. A test's own
   ``@settings(max_examples=...)`` wins over the profile's, so to draw more of those, run again.
+
+Markers, registered below (``pytest tests -m "not slow"`` is the fast subset: about 2 minutes on a
+2-core CPU, against about 15 for the whole suite, and it still calls every public function):
+``slow`` (over ~3 s on a 2-core CPU; where a parametrized test's cases add up to over ~5 s, its
+costly cases, the fast subset keeping the cheap ones; and every compile for sm_90),
+``interpreter`` (runs the real Triton kernels: in the interpreter on a CPU, compiled on a GPU),
+``subprocess`` (spawns Python), ``gpu`` (needs a CUDA GPU: skipped without one, with the reason
+given as ``gpu(reason=...)``). The fixtures ``no_launches`` and ``fresh_warnings`` at the end are
+shared by the robustness tests (tests/*/test_robustness.py).
 """
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -31,3 +41,45 @@ _PROFILE = os.environ.get("VITRITON_HYPOTHESIS", "").strip().lower() or "vitrito
 if _PROFILE not in ("vitriton", "fresh"):
     raise ValueError(f"VITRITON_HYPOTHESIS: expected 'vitriton' or 'fresh' (or unset), got {_PROFILE!r}")
 settings.load_profile(_PROFILE)
+
+
+MARKERS = {
+    "slow": "over ~3 s on a 2-core CPU (or the costly cases of a parametrized test whose cases add up to over "
+            "~5 s), or a compile for sm_90; -m 'not slow' leaves them out",
+    "interpreter": "runs the real Triton kernels (in Triton's interpreter on a CPU, compiled on a GPU)",
+    "subprocess": "spawns a Python process",
+    "gpu": "needs a CUDA GPU; skipped without one, saying why (gpu(reason=...))",
+}
+
+
+def pytest_configure(config):
+    for name, description in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is not None:
+            reason = marker.kwargs.get("reason", "")
+            item.add_marker(pytest.mark.skip(reason=f"needs a CUDA GPU{': ' + reason if reason else ''}"))
+
+
+@pytest.fixture
+def no_launches(monkeypatch):
+    """Every Triton launch of the kernels goes through ``torch.library.wrap_triton``: make it fail."""
+
+    def refuse(kernel):
+        raise AssertionError(f"launched {getattr(kernel, '__name__', kernel)}")
+
+    monkeypatch.setattr(torch.library, "wrap_triton", refuse)
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """The warn-once set is module state: start each test that counts warnings from an empty one."""
+    from kernels import backend
+
+    monkeypatch.setattr(backend, "_warned", set())

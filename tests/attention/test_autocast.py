@@ -34,7 +34,8 @@ def _inputs(dtypes, shape=(2, 3, 9, 16), seed=0):
     return [torch.randn(shape, generator=generator).to(DEVICE, dtype).requires_grad_() for dtype in dtypes]
 
 
-@pytest.mark.parametrize("backend", ["einsum", "triton"])
+# The Triton cases (18 of half a second each in the interpreter) are slow; varlen's below stay fast.
+@pytest.mark.parametrize("backend", ["einsum", pytest.param("triton", marks=[pytest.mark.interpreter, pytest.mark.slow])])
 @pytest.mark.parametrize("low", AUTOCAST_DTYPES)
 @pytest.mark.parametrize("dtypes", [(f32, f32, f32), (torch.bfloat16, f32, f32), (torch.float16, f32, torch.bfloat16)])
 @pytest.mark.parametrize("mask_kind", [None, "bool", "float32"])
@@ -74,7 +75,7 @@ def test_float64_stays_float64_under_autocast(low):
     torch.testing.assert_close(ours, kernels.attention(q, k, v))
 
 
-@pytest.mark.parametrize("backend", ["einsum", "triton"])
+@pytest.mark.parametrize("backend", ["einsum", pytest.param("triton", marks=pytest.mark.interpreter)])
 @pytest.mark.parametrize("low", AUTOCAST_DTYPES)
 def test_varlen_runs_in_the_autocast_dtype(backend, low):
     lengths = [4, 9, 2]

@@ -150,6 +150,7 @@ def test_func_transforms_on_triton_are_one_line_errors(transform):
         run()
 
 
+@pytest.mark.interpreter
 def test_vmap_on_triton_is_correct():
     q, k, v = qkv()
     stacked = torch.stack([q, q.flip(-1), 2 * q])  # (3, B, H, N, D)
@@ -177,6 +178,7 @@ def test_auto_names_forward_ad_as_its_reason_on_a_device_the_kernels_take():
             assert backend_choice.pick_backend("auto", "attention", [dual, q, q]) == "einsum"
 
 
+@pytest.mark.interpreter
 def test_double_backward_on_triton_is_a_one_line_error():
     q, k, v = qkv()
     q.requires_grad_(True)
@@ -195,6 +197,7 @@ def test_patch_embed_forward_ad_on_triton_is_a_one_line_error():
         torch.func.jvp(lambda w: kernels.patch_embed(images, w, backend="triton"), (weight,), (weight,))
 
 
+@pytest.mark.interpreter
 def test_patch_embed_double_backward_on_triton_is_a_one_line_error():
     images = torch.randn(1, 3, 16, 16, device=DEVICE, requires_grad=True)
     weight = torch.randn(8, 3, 8, 8, device=DEVICE, requires_grad=True)
@@ -207,6 +210,7 @@ def test_patch_embed_double_backward_on_triton_is_a_one_line_error():
 # The output, the arguments.
 
 
+@pytest.mark.interpreter
 def test_triton_output_is_not_a_view_and_takes_in_place_ops():
     q, k, v = qkv()
     q.requires_grad_(True)
@@ -224,7 +228,7 @@ def test_attention_arguments_after_mask_are_keyword_only():
         kernels.attention(q, k, v, None, 0.1)
 
 
-@pytest.mark.parametrize("backend", ["einsum", "triton"])
+@pytest.mark.parametrize("backend", ["einsum", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_scale_rule_is_the_same_on_both_backends(backend):
     q, k, v = qkv()
     expected = attention_reference(q.double(), k.double(), v.double(), scale=0.125)
@@ -336,6 +340,8 @@ def test_process_backend_takes_any_case_and_empty_as_unset(value, expected):
     assert backend_choice._process_backend(value) == expected
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("value", ["bogus", "EINSUM", ""])
 def test_a_bad_process_backend_fails_at_the_first_call_not_at_import(value):
     import os

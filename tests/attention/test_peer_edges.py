@@ -21,6 +21,7 @@ from kernels.reference import attention_reference
 from tests.equivalence import DEVICE, DTYPES, assert_close_to_reference, max_error
 
 f16, f64 = torch.float16, torch.float64
+TRITON = pytest.param("triton", marks=pytest.mark.interpreter)  # runs the kernels: the interpreter on a CPU
 
 # The rounding unit of the sums in question. Both backends accumulate in float32 whatever the input
 # dtype (Triton's fp32 accumulators; the einsum fallback computes float16/bfloat16 in float32), and a
@@ -43,7 +44,7 @@ def gradients_of(attend, inputs: dict, upstream: torch.Tensor, dtype) -> tuple:
     return out, q.grad, k.grad, v.grad
 
 
-@pytest.mark.parametrize("backend", ["triton", "einsum"])
+@pytest.mark.parametrize("backend", [TRITON, "einsum"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_one_key_causal_gives_v_and_zero_dk_dq(backend, dtype):
     batch, heads, seqlen_q, head_dim = 2, 2, 239, 64
@@ -90,6 +91,7 @@ def assert_flash_attn_rule(actual, reference64, reference_low, *, factor: float,
     assert error <= allowed, f"{name}: max error {error:.3e} > {factor} x PyTorch's {low_error:.3e} + {FLASH_ATTN_EPS}"
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("aligned", ["top-left", "bottom-right"])
 def test_float16_causal_three_queries_many_keys(aligned):
     batch, heads, seqlen_q, seqlen_k, head_dim = 2, 2, 3, 120, 64

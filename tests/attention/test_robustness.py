@@ -1,99 +1,46 @@
-"""Robustness: every bad input gets a clear one-line error, every edge shape a right answer.
+"""Attention's robustness: every bad input gets a clear one-line error, every edge shape a right answer.
 
-1. Errors at the public boundary (``kernels.attention``, ``kernels.scaled_dot_product_attention``,
-   ``kernels.patch_embed``, ``kernels.swap``, the ``vit`` modules, ``python -m vit``): each bad
-   input is one line naming what was expected and what came. A wrong type (not a tensor, not a
-   number, an unsupported or mixed dtype) is a TypeError, a wrong shape, device or value a ValueError.
+1. Errors at the public boundary (``kernels.attention``, ``kernels.scaled_dot_product_attention``):
+   each bad input is one line naming what was expected and what came. A wrong type (not a tensor,
+   not a number, an unsupported or mixed dtype) is a TypeError, a wrong shape, device or value a
+   ValueError.
 2. Edge shapes against the reference with the shared rule (``tests.equivalence``), the Triton
    path through ``backend="triton"`` (Triton's interpreter without a GPU): empty outputs launch
    nothing, long sequences keep memory linear in N, NaN and inf go where the reference sends them.
 3. Properties (hypothesis) over shapes, dtypes, masks, strides, scales and causal for attention,
-   over image sizes, patches, channels, dtypes and strides for the patch projection, and
-   ``kernels.scaled_dot_product_attention`` against PyTorch's for random SDPA arguments.
+   and ``kernels.scaled_dot_product_attention`` against PyTorch's for random SDPA arguments.
 4. Honest dispatch: whenever "auto" falls back to the reference it says so, once.
+
+The same checks for the patch projection are in tests/patch_embed/test_robustness.py, for the
+``vit`` modules and ``python -m vit`` in tests/vit/test_robustness.py, for ``kernels.swap`` in
+tests/swap/test_swap.py; their shared helpers in tests/robustness.py.
 """
 
 import importlib
 import math
-import os
-import re
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import triton
-from einops import rearrange
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 import kernels
 from kernels import backend as backend_choice
 from kernels.checks import MAX_HEAD_DIM, MIN_HEAD_DIM
-from kernels.reference import attention_reference, patch_embed_reference
+from kernels.reference import attention_reference
 from tests.equivalence import DEVICE, DTYPES, ON_GPU, assert_close_to_reference
-from vit.model import MultiHeadAttention, PatchEmbedding, ViT
+from tests.robustness import examples, one_line_error, qkv, randn
 
 # The module that launches the attention kernels (its kernel objects are patched below).
 attention_module = importlib.import_module("kernels.triton.attention_ops")
-vit_main = importlib.import_module("vit.__main__")
 
-ROOT = Path(__file__).resolve().parents[1]
 f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU: too slow or too big for the interpreter")
-SMALL_VIT = {"image_size": 32, "patch_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2, "num_classes": 10}
-# Property tests: many examples on a GPU, a handful in the interpreter (each costs seconds there).
-FEW, MANY = 12, 200
-
-
-def examples(n_interpreted: int = FEW) -> settings:
-    return settings(
-        max_examples=MANY if ON_GPU else n_interpreted, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-    )
-
-
-def one_line_error(error_type, match: str, function, *args, **kwargs) -> str:
-    """Run ``function``, expect ``error_type`` whose message matches and is a single line."""
-    with pytest.raises(error_type, match=match) as caught:
-        function(*args, **kwargs)
-    message = str(caught.value)
-    assert "\n" not in message, message
-    return message
-
-
-def randn(*shape, dtype=f32, device=DEVICE, seed=0, scale=1.0):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=generator, dtype=f64) * scale).to(device, dtype)
-
-
-def qkv(batch=1, heads=2, n_queries=5, n_keys=5, dim=16, dim_v=None, dtype=f32, device=DEVICE, seed=0):
-    dim_v = dim if dim_v is None else dim_v
-    return (
-        randn(batch, heads, n_queries, dim, dtype=dtype, device=device, seed=seed),
-        randn(batch, heads, n_keys, dim, dtype=dtype, device=device, seed=seed + 1),
-        randn(batch, heads, n_keys, dim_v, dtype=dtype, device=device, seed=seed + 2),
-    )
-
-
-@pytest.fixture
-def no_launches(monkeypatch):
-    """Every Triton launch of the kernels goes through ``torch.library.wrap_triton``: make it fail."""
-
-    def refuse(kernel):
-        raise AssertionError(f"launched {getattr(kernel, '__name__', kernel)}")
-
-    monkeypatch.setattr(torch.library, "wrap_triton", refuse)
-
-
-@pytest.fixture
-def fresh_warnings(monkeypatch):
-    """The warn-once set is module state: start each test that counts warnings from an empty one."""
-    monkeypatch.setattr(backend_choice, "_warned", set())
+needs_gpu = pytest.mark.gpu(reason="too slow or too big for the interpreter")
+TRITON = pytest.param("triton", marks=pytest.mark.interpreter)  # runs the kernels: the interpreter on a CPU
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,155 +159,6 @@ def test_sdpa_bad_input_is_a_one_line_error(change, error, message):
     one_line_error(error, message, kernels.scaled_dot_product_attention, **arguments, backend="einsum")
 
 
-def patch_arguments(**changes):
-    arguments = {
-        "images": randn(1, 3, 32, 32),
-        "weight": randn(8, 3, 16, 16),
-        "bias": randn(8),
-        "cls_token": randn(1, 1, 8),
-        "pos_embed": randn(1, 5, 8),
-    }
-    arguments.update(changes)
-    return arguments
-
-
-PATCH_EMBED_ERRORS = [
-    ("images-list", {"images": [[0.0]]}, TypeError, "expected images to be a tensor, got list"),
-    ("weight-none", {"weight": None}, TypeError, "expected weight to be a tensor, got NoneType"),
-    ("bias-list", {"bias": [0.0] * 8}, TypeError, "expected bias to be a tensor, got list"),
-    ("pos-numpy", {"pos_embed": np.zeros((1, 5, 8))}, TypeError, "expected pos_embed to be a tensor, got ndarray"),
-    ("images-rank-3", {"images": randn(3, 32, 32)}, ValueError, r"images of shape \(B, C, H, W\), got \(3, 32, 32\)"),
-    ("weight-rank-3", {"weight": randn(8, 3, 16)}, ValueError,
-     r"Conv2d weight of shape \(D, C, P, P\) with P >= 1, got \(8, 3, 16\)"),
-    ("weight-not-square", {"weight": randn(8, 3, 16, 8)}, ValueError,
-     r"Conv2d weight of shape \(D, C, P, P\) with P >= 1, got \(8, 3, 16, 8\)"),
-    ("patch-0", {"weight": randn(8, 3, 0, 0)}, ValueError,
-     r"Conv2d weight of shape \(D, C, P, P\) with P >= 1, got \(8, 3, 0, 0\)"),
-    ("channels", {"images": randn(1, 4, 32, 32)}, ValueError, r"images with 3 channels \(the weight's\), got 4"),
-    ("sides", {"images": randn(1, 3, 30, 32)}, ValueError, "multiples of the patch size 16, got 30x32"),
-    ("uint8", {"images": torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=DEVICE)}, TypeError,
-     "expected a floating-point images, got torch.uint8"),
-    ("mixed-dtypes", {"images": randn(1, 3, 32, 32, dtype=f64)}, TypeError,
-     "one dtype, got images torch.float64, weight torch.float32, bias torch.float32"),
-    ("bias-on-meta", {"bias": torch.zeros(8, device="meta")}, ValueError, r"one device, got images \S+, weight \S+, bias meta"),
-    ("bias-shape", {"bias": randn(7)}, ValueError, r"bias of shape \(8,\), got \(7,\)"),
-    ("cls-shape", {"cls_token": randn(1, 8)}, ValueError, r"cls_token of shape \(1, T, 8\), T >= 1 prefix tokens \(class, registers, distillation\), got \(1, 8\)"),
-    ("pos-shape", {"pos_embed": randn(1, 4, 8)}, ValueError,
-     r"pos_embed of shape \(1, 5, 8\) for a 32x32 image with patch 16 and 1 prefix token\(s\), got \(1, 4, 8\)"),
-]
-
-
-@pytest.mark.parametrize("backend", ["einsum", "triton"])
-@pytest.mark.parametrize("changes, error, message", [pytest.param(*case[1:], id=case[0]) for case in PATCH_EMBED_ERRORS])
-def test_patch_embed_bad_input_is_a_one_line_error(changes, error, message, backend):
-    one_line_error(error, "^patch_embed: .*" + message, kernels.patch_embed, **patch_arguments(**changes), backend=backend)
-
-
-def test_swap_bad_input_is_a_one_line_error():
-    one_line_error(TypeError, "^swap: expected a torch.nn.Module, got list", kernels.swap, [])
-    message = one_line_error(ValueError, "^swap: found no attention or patch-embedding module it knows in Linear",
-                             kernels.swap, nn.Linear(2, 2))
-    assert "; it knows timm " in message and "timm Attention," in message and "vit MultiHeadAttention" in message
-
-
-@pytest.mark.parametrize("fused", [True, False])
-def test_vit_modules_bad_input_is_a_one_line_error(fused):
-    torch.manual_seed(0)
-    embedding = PatchEmbedding(32, 16, 3, 24, fused=fused).to(DEVICE)
-    attention = MultiHeadAttention(32, 2, fused=fused).to(DEVICE)
-    model = ViT(fused=fused, **SMALL_VIT).to(DEVICE)
-    with kernels.use_backend("triton"):
-        one_line_error(TypeError, "^PatchEmbedding: expected images to be a tensor, got list", embedding, [[0.0]])
-        for shape in ((3, 32, 32), (1, 4, 32, 32)):
-            one_line_error(ValueError, rf"^PatchEmbedding: expected images \(B, 3, H, W\), got {re_shape(shape)}",
-                           embedding, randn(*shape))
-        one_line_error(TypeError, r"^PatchEmbedding: expected floating-point images \(uint8 ones: .float\(\) / 255\), "
-                       "got torch.uint8", embedding, torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=DEVICE))
-        one_line_error(ValueError, "^PatchEmbedding: image sides must be multiples of the patch size 16, got 40x32",
-                       embedding, randn(1, 3, 40, 32))
-        one_line_error(TypeError, "^MultiHeadAttention: expected tokens to be a tensor, got list", attention, [[0.0]])
-        for shape in ((5, 32), (1, 5, 16), (1, 1, 5, 32)):
-            one_line_error(ValueError, rf"^MultiHeadAttention: expected tokens \(B, N, 32\), got {re_shape(shape)}",
-                           attention, randn(*shape))
-        one_line_error(ValueError, r"^PatchEmbedding: expected images \(B, 3, H, W\), got \(1, 1, 32, 32\)",
-                       model, randn(1, 1, 32, 32))
-        one_line_error(ValueError, r"^attention: expected a mask broadcastable to \(B, H, Nq, Nk\) = \(1, 2, 5, 5\), "
-                       r"got \(4, 4\)", model, randn(1, 3, 32, 32), torch.ones(4, 4, dtype=torch.bool, device=DEVICE))
-
-
-def re_shape(shape) -> str:
-    return str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")
-
-
-def run_vit_cli(*arguments: str, cwd: Path = ROOT) -> subprocess.Popen:
-    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "vit", *arguments], cwd=cwd, env=environment,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def test_cli_bad_input_is_one_line_on_stderr_and_a_failing_exit(tmp_path):
-    """`python -m vit` on a missing file, an unreadable file and `--batch 0`: a non-zero exit and
-    one line on stderr naming the problem, never a traceback. The processes run side by side (each
-    spends its seconds importing torch); the other kinds of bad file are tested in-process below."""
-    unreadable = tmp_path / "locked.png"
-    unreadable.write_text("not for your eyes\n")
-    unreadable.chmod(0)  # root reads it anyway: then it is a file Pillow cannot read, the same kind of error
-    cases = {
-        "missing": (["missing.png"], r"^python -m vit: no image file at missing.png$"),
-        "unreadable": (
-            [str(unreadable)],
-            rf"^python -m vit: (no permission to read the image file|not an image Pillow can read:) {re.escape(str(unreadable))}$",
-        ),
-        "batch 0": (["--batch", "0"], r"^python -m vit: --batch must be at least 1, got 0$"),
-    }
-    processes = {name: run_vit_cli(*arguments) for name, (arguments, _) in cases.items()}
-    for name, process in processes.items():
-        _, stderr = process.communicate(timeout=300)
-        assert process.returncode != 0, name
-        assert "Traceback" not in stderr, f"{name}: {stderr}"
-        lines = stderr.strip().splitlines()
-        assert len(lines) == 1, f"{name}: {stderr}"
-        assert re.search(cases[name][1], lines[0]), f"{name}: {lines[0]}"
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """Run ``python -m vit``'s main in this process: (exit code, stderr)."""
-
-    def run(*arguments: str):
-        code = vit_main.main([*arguments, "--backend", "einsum"])
-        return code, capsys.readouterr().err
-
-    return run
-
-
-def test_cli_directory_or_text_file_is_one_line(cli, tmp_path):
-    text = tmp_path / "notes.png"
-    text.write_text("meow\n")
-    for path, message in ((tmp_path, "expected an image file, got a directory"), (text, "not an image Pillow can read")):
-        code, stderr = cli(str(path))
-        assert code == 2 and stderr == f"python -m vit: {message}: {path}\n"
-
-
-@pytest.mark.parametrize(
-    "error",
-    [PermissionError(13, "Permission denied"), OSError("image file is truncated")],
-    ids=["permission", "os-error"],
-)
-def test_cli_any_os_error_reading_the_image_is_one_line(monkeypatch, cli, error):
-    """Before, only FileNotFoundError and ValueError were caught: a directory or a file without
-    read permission ended in a traceback."""
-
-    def load_image(path, size):
-        raise error
-
-    monkeypatch.setattr(vit_main, "load_image", load_image)
-    code, stderr = cli("cats.png")
-    assert code == 2 and stderr.count("\n") == 1 and stderr.startswith("python -m vit: "), stderr
-
-
 # ---------------------------------------------------------------------------------------------
 # 2. Edge shapes, against the reference with the shared rule.
 
@@ -405,6 +203,7 @@ def check_attention(buffers: dict, views: dict | None = None, *, seed=1, **optio
     return out, ours
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_one_query_one_key(dtype):
     q, k, v = qkv(2, 2, 1, 1, 16, dtype=dtype)
@@ -445,44 +244,6 @@ def test_sdpa_rank_3_with_no_queries():
     assert F.scaled_dot_product_attention(q, k, v).shape == (3, 0, 24)
 
 
-@pytest.mark.parametrize(
-    "images_shape, weight_shape",
-    [((0, 3, 16, 16), (8, 3, 8, 8)), ((2, 3, 0, 16), (8, 3, 8, 8)), ((2, 3, 16, 16), (0, 3, 8, 8))],
-    ids=["B0", "no-patch", "D0"],
-)
-def test_patch_embed_nothing_to_project_launches_nothing(no_launches, images_shape, weight_shape):
-    """An empty batch, an image with no whole patch or D = 0: the tokens (class tokens and position
-    embeddings where they apply) and the gradients the reference gives, without a launch. Before,
-    D = 0 launched an empty grid and an image with no patch launched the grad_weight kernel."""
-    dim = weight_shape[0]
-    n_tokens = (images_shape[2] // 8) * (images_shape[3] // 8) + 1
-    inputs = {
-        "images": randn(*images_shape),
-        "weight": randn(*weight_shape, scale=0.1),
-        "bias": randn(dim),
-        "cls_token": randn(1, 1, dim),
-        "pos_embed": randn(1, n_tokens, dim),
-    }
-    ours = {name: t.clone().requires_grad_() for name, t in inputs.items()}
-    tokens = kernels.patch_embed(**ours, backend="triton")
-    expected = patch_embed_reference(**inputs)
-    assert tokens.shape == (images_shape[0], n_tokens, dim)
-    torch.testing.assert_close(tokens, expected, rtol=0, atol=0)
-    upstream = randn(*tokens.shape, seed=3)
-    tokens.backward(upstream)
-    reference = {name: t.clone().requires_grad_() for name, t in inputs.items()}
-    patch_embed_reference(**reference).backward(upstream)
-    for name in inputs:
-        torch.testing.assert_close(ours[name].grad, reference[name].grad, rtol=0, atol=1e-6)
-
-
-def test_vit_on_an_empty_batch(no_launches):
-    model = ViT(fused=True, **SMALL_VIT).to(DEVICE)
-    with kernels.use_backend("triton"):
-        logits = model(randn(0, 3, 32, 32))
-    assert logits.shape == (0, 10)
-
-
 def long_sequence_configs(monkeypatch, block: int):
     """One config of ``block`` x ``block`` tiles for each attention kernel: fewer, bigger tiles are
     what makes a long sequence affordable in the interpreter, which pays per program and per step."""
@@ -499,6 +260,7 @@ def largest_allocation(function) -> int:
     return max((event.cpu_memory_usage for event in profile.events()), default=0)
 
 
+@pytest.mark.interpreter
 @pytest.mark.skipif(ON_GPU, reason="the GPU test below measures CUDA memory at N = 16,384")
 def test_long_sequence_memory_is_linear_in_n(monkeypatch):
     """N = 4,096 (B = H = 1, D = 16) through the Triton path: the forward saves O(N) tensors for
@@ -525,6 +287,7 @@ def test_long_sequence_memory_is_linear_in_n(monkeypatch):
         )
 
 
+@pytest.mark.interpreter
 @pytest.mark.skipif(ON_GPU, reason="the GPU test below runs the backward at N = 16,384")
 def test_long_sequence_backward_allocates_nothing_quadratic(monkeypatch):
     """The backward at N = 2,048: gradients against the reference, no allocation of N * N bytes."""
@@ -544,6 +307,7 @@ def test_long_sequence_backward_allocates_nothing_quadratic(monkeypatch):
         assert_close_to_reference(ours[name].grad, exact[name].grad, low[name].grad, name=f"grad {name}")
 
 
+@pytest.mark.interpreter
 @needs_gpu
 def test_long_sequence_on_gpu_memory_is_linear_in_n():
     """N = 16,384, B = H = 1, D = 64: forward and backward peak far below one (N, N) matrix of bytes
@@ -569,6 +333,7 @@ def test_long_sequence_on_gpu_memory_is_linear_in_n():
         )
 
 
+@pytest.mark.interpreter
 @needs_gpu
 @pytest.mark.parametrize("n", [1, 16])
 def test_batch_times_heads_over_65535_launches_for_real(n):
@@ -577,6 +342,7 @@ def test_batch_times_heads_over_65535_launches_for_real(n):
     check_attention({"q": q, "k": k, "v": v}, is_causal=n > 1)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("how", ["bool", "-inf bias"])
 def test_rows_with_no_key_and_rows_with_every_key(how):
     """Rows 0, 3, 6, ... may attend nothing (zeros, as PyTorch's SDPA), rows 1, 4, ... everything,
@@ -592,6 +358,7 @@ def test_rows_with_no_key_and_rows_with_every_key(how):
     assert torch.equal(sdpa[:, :, 0::3], torch.zeros_like(sdpa[:, :, 0::3]))
 
 
+@pytest.mark.interpreter
 def test_bf16_results_round_to_nearest_as_on_a_gpu():
     """Exact sums, then one rounding to bf16: the kernel must round to nearest even, as a GPU does.
     The interpreter's own fp32 -> bf16 cast truncates; before the kernels rounded explicitly there,
@@ -623,6 +390,7 @@ def quiet_numpy_nan(test):
     return pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")(test)
 
 
+@pytest.mark.interpreter
 @quiet_numpy_nan
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bad", [NAN, INF, -INF])
@@ -640,6 +408,7 @@ def test_non_finite_query_row_stays_in_its_row(dtype, bad):
     assert_close_to_reference(out[rows], out64[rows], attention_reference(q, k, v)[rows])
 
 
+@pytest.mark.interpreter
 @quiet_numpy_nan
 @pytest.mark.parametrize("where", ["k", "v"])
 @pytest.mark.parametrize("bad", [NAN, INF])
@@ -667,6 +436,7 @@ def test_non_finite_key_or_value_goes_where_the_reference_sends_it(where, bad):
     assert_close_to_reference(out[finite], out64[finite], attention_reference(q, k, v, allowed)[finite])
 
 
+@pytest.mark.interpreter
 @quiet_numpy_nan
 def test_causal_never_reads_key_blocks_above_the_diagonal_so_poisons_less():
     """Causal: the kernel skips key blocks wholly above a row block's diagonal, so a NaN in v there
@@ -686,6 +456,7 @@ def test_causal_never_reads_key_blocks_above_the_diagonal_so_poisons_less():
     assert_close_to_reference(out[finite], clean64[finite], attention_reference(q, k, v, is_causal=True)[finite])
 
 
+@pytest.mark.interpreter
 @examples(6)
 @given(
     dtype=st.sampled_from(DTYPES),
@@ -751,6 +522,8 @@ def random_mask(kind, shape, dtype, rows_mode, generator):
     return bias.masked_fill(~allowed, -INF).to(DEVICE, dtype)
 
 
+@pytest.mark.slow
+@pytest.mark.interpreter
 @examples(14)
 @given(
     dtype=st.sampled_from(DTYPES),
@@ -786,94 +559,6 @@ def test_property_attention_matches_reference(
         generator = torch.Generator().manual_seed(seed)
         buffers["mask"] = random_mask("bool" if mask_kind == "bool" else "float", shape, mask_dtype, rows_mode, generator)
     check_attention(buffers, views, scale=scale, is_causal=is_causal, seed=seed)
-
-
-IMAGE_LAYOUTS = ("contiguous", "channels_last", "crop", "hw-transposed", "batch-broadcast")
-WEIGHT_LAYOUTS = ("conv", "linear-view", "s-transposed")
-
-
-def image_buffer(images: torch.Tensor, layout: str):
-    """(buffer, view of it equal in value to ``images``) with the layout's strides."""
-    if layout == "channels_last":
-        return images.contiguous(memory_format=torch.channels_last), lambda b: b
-    if layout == "crop":  # a crop of a bigger canvas: a storage offset and wider rows
-        return F.pad(images, (2, 3, 1, 4)), lambda b: b[:, :, 1:-4, 2:-3]
-    if layout == "hw-transposed":
-        return images.transpose(2, 3).contiguous(), lambda b: b.transpose(2, 3)
-    if layout == "batch-broadcast":
-        batch = images.shape[0]
-        return images[:1].contiguous(), lambda b: b.expand(batch, *b.shape[1:])
-    return images, lambda b: b
-
-
-def weight_buffer(weight: torch.Tensor, layout: str):
-    if layout == "linear-view":  # vit's Linear weight (D, P*P*C), columns in (s1 s2 c) order, viewed as Conv2d
-        dim, channels, patch, _ = weight.shape
-        return rearrange(weight, "d c s1 s2 -> d (s1 s2 c)").contiguous(), (
-            lambda b: b.view(dim, patch, patch, channels).permute(0, 3, 1, 2)
-        )
-    if layout == "s-transposed":
-        return weight.transpose(2, 3).contiguous(), lambda b: b.transpose(2, 3)
-    return weight, lambda b: b
-
-
-def check_patch_embed(buffers: dict, views: dict, seed=1):
-    """kernels.patch_embed(backend="triton") against the reference: tokens and every gradient."""
-
-    def run(function, dtype=None):
-        leaves = {
-            name: None if b is None else b.detach().to(dtype or b.dtype).clone().requires_grad_()
-            for name, b in buffers.items()
-        }
-        arguments = {name: None if t is None else views.get(name, lambda x: x)(t) for name, t in leaves.items()}
-        return function(**arguments), leaves
-
-    tokens, ours = run(lambda **a: kernels.patch_embed(**a, backend="triton"))
-    tokens64, exact = run(patch_embed_reference, f64)
-    tokens_low, low = run(patch_embed_reference)
-    upstream = randn(*tokens.shape, dtype=f64, seed=seed)
-    for output in (tokens, tokens64, tokens_low):
-        output.backward(upstream.to(output.dtype))
-    assert_close_to_reference(tokens, tokens64, tokens_low, name="tokens")
-    for name, leaf in ours.items():
-        if leaf is not None:
-            assert_close_to_reference(leaf.grad, exact[name].grad, low[name].grad, name=f"grad {name}")
-    return tokens
-
-
-@examples(14)
-@given(
-    dtype=st.sampled_from(DTYPES),
-    batch=st.integers(0, 2),
-    channels=st.sampled_from([1, 2, 3, 4]),
-    patch=st.sampled_from([1, 2, 5, 8, 16] if ON_GPU else [1, 2, 5, 8]),  # P = 14, 16 in the interpreter: test_patch_embed_triton.py
-    patches_down=st.integers(0, 3),
-    patches_across=st.integers(1, 3),
-    dim=st.sampled_from([1, 16, 40, 80]),
-    bias=st.booleans(),
-    cls=st.booleans(),
-    pos=st.booleans(),
-    image_layout=st.sampled_from(IMAGE_LAYOUTS),
-    weight_layout=st.sampled_from(WEIGHT_LAYOUTS),
-    seed=st.integers(0, 2**16),
-)
-def test_property_patch_embed_matches_reference(
-    dtype, batch, channels, patch, patches_down, patches_across, dim, bias, cls, pos, image_layout, weight_layout, seed
-):
-    """Through kernels.patch_embed(backend="triton"): empty batches and images without a patch,
-    P = 1, D = 1, any channel count, non-square grids, any image and weight strides."""
-    height, width = patch * patches_down, patch * patches_across
-    n_tokens = patches_down * patches_across + cls
-    images = randn(batch, channels, height, width, dtype=dtype, seed=seed)
-    weight = randn(dim, channels, patch, patch, dtype=dtype, seed=seed + 1, scale=(channels * patch * patch) ** -0.5)
-    buffers, views = {}, {}
-    buffers["images"], views["images"] = image_buffer(images, image_layout)
-    buffers["weight"], views["weight"] = weight_buffer(weight, weight_layout)
-    buffers["bias"] = randn(dim, dtype=dtype, seed=seed + 2, scale=0.5) if bias else None
-    buffers["cls_token"] = randn(1, 1, dim, dtype=dtype, seed=seed + 3) if cls else None
-    buffers["pos_embed"] = randn(1, n_tokens, dim, dtype=dtype, seed=seed + 4, scale=0.5) if pos else None
-    tokens = check_patch_embed(buffers, views, seed=seed)
-    assert tokens.shape == (batch, n_tokens, dim)
 
 
 @settings(max_examples=300 if ON_GPU else 60, deadline=None)
@@ -926,7 +611,7 @@ def test_property_sdpa_equals_torch(
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12, equal_nan=True)
 
 
-@pytest.mark.parametrize("backend", ["einsum", "triton"])
+@pytest.mark.parametrize("backend", ["einsum", TRITON])
 def test_scale_zero_with_a_mask_averages_the_allowed_keys(backend):
     """scale = 0 makes every logit 0: each row averages the values of the keys it may attend.
     PyTorch's SDPA returns NaN here with is_causal (it scales the causal -inf along with the
@@ -982,12 +667,3 @@ def test_auto_on_cpu_says_why_once_through_the_public_functions(fresh_warnings, 
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             call()
-
-
-def test_fused_vit_on_cpu_under_auto_is_not_silent(fresh_warnings):
-    """A model built with fused=True whose tensors force the reference says so (once per op)."""
-    model = ViT(fused=True, **SMALL_VIT)
-    with kernels.use_backend("auto"), pytest.warns(UserWarning) as record:
-        model(torch.rand(1, 3, 32, 32))
-    messages = sorted(str(w.message) for w in record if "vitriton" in str(w.message))
-    assert len(messages) == 2 and "attention got tensors on cpu" in messages[0] and "patch_embed" in messages[1]

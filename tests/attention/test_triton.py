@@ -23,11 +23,13 @@ from kernels.triton.attention_ops import attention_grid, attention_triton
 from tests.equivalence import DEVICE, DTYPES, ON_GPU, assert_close_to_reference
 
 f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="full ViT sizes: minutes in the interpreter, compiled on a GPU")
-needs_cuda_for_compile = pytest.mark.skipif(
-    not ON_GPU,
+needs_gpu = pytest.mark.gpu(reason="full ViT sizes: minutes in the interpreter, compiled on a GPU")
+needs_cuda_for_compile = pytest.mark.gpu(
     reason="torch.compile of a triton_op needs CUDA: under the CPU interpreter its fake tensors have no data pointer",
 )
+# Every test here runs the kernels (in the interpreter on a CPU) but the few that check arguments,
+# grids and errors. The fast subset (-m "not slow") keeps the cheap cases of each comparison.
+pytestmark = pytest.mark.interpreter
 
 
 def random_mask(kind, shape, dtype, generator):
@@ -129,10 +131,10 @@ CASES = [
     pytest.param(1, 2, 7, 7, 80, 80, bf16, True, id="N7-D80-bf16-dispatch"),
     pytest.param(1, 2, 64, 64, 16, 16, f32, True, id="N64-D16-f32-dispatch"),
     pytest.param(1, 1, 64, 64, 128, 128, f16, False, id="N64-D128-f16"),
-    pytest.param(1, 1, 197, 197, 64, 64, bf16, False, id="N197-D64-bf16"),
-    pytest.param(1, 1, 197, 197, 80, 80, f16, True, id="N197-D80-f16-dispatch"),
-    pytest.param(1, 1, 257, 257, 96, 96, f32, False, id="N257-D96-f32"),
-    pytest.param(1, 1, 257, 257, 64, 64, f16, True, id="N257-D64-f16-dispatch"),
+    pytest.param(1, 1, 197, 197, 64, 64, bf16, False, id="N197-D64-bf16", marks=pytest.mark.slow),
+    pytest.param(1, 1, 197, 197, 80, 80, f16, True, id="N197-D80-f16-dispatch", marks=pytest.mark.slow),
+    pytest.param(1, 1, 257, 257, 96, 96, f32, False, id="N257-D96-f32", marks=pytest.mark.slow),
+    pytest.param(1, 1, 257, 257, 64, 64, f16, True, id="N257-D64-f16-dispatch", marks=pytest.mark.slow),
     pytest.param(1, 2, 40, 33, 96, 96, bf16, False, id="Nq40-Nk33-D96-bf16"),
     pytest.param(1, 1, 33, 7, 128, 128, f32, True, id="Nq33-Nk7-D128-f32-dispatch"),
     pytest.param(2, 1, 7, 64, 16, 16, f16, False, id="Nq7-Nk64-D16-f16"),
@@ -145,7 +147,7 @@ CASES = [
     pytest.param(1, 2, 37, 45, 64, 32, f16, False, id="D64-Dv32-f16"),
     pytest.param(1, 1, 45, 37, 96, 160, bf16, True, id="D96-Dv160-bf16-dispatch"),
     pytest.param(1, 1, 20, 20, 24, 40, f32, False, id="D24-Dv40-f32"),
-    pytest.param(3, 5, 20, 29, 32, 32, f16, True, id="B3-H5-f16-dispatch"),
+    pytest.param(3, 5, 20, 29, 32, 32, f16, True, id="B3-H5-f16-dispatch", marks=pytest.mark.slow),
     # The ViT shapes: ViT-B/16 at 224 (N=197, D=64), ViT-H/14 (N=257, D=80), ViT-B/16 at 384 (N=577).
     pytest.param(8, 12, 197, 197, 64, 64, f16, False, id="vit-b16-f16", marks=needs_gpu),
     pytest.param(8, 12, 197, 197, 64, 64, bf16, True, id="vit-b16-bf16-dispatch", marks=needs_gpu),
@@ -503,6 +505,7 @@ def every_config_index():
     return range(max(len(c) for c in configs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", every_config_index())
 def test_every_autotune_config_computes_the_same(index, monkeypatch):
     """Whichever config the autotuner picks on a GPU, the block sizes give the same result: each
@@ -520,13 +523,14 @@ def test_every_autotune_config_computes_the_same(index, monkeypatch):
     check_dropout(inputs, 0.2, is_causal=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", every_config_index())
 def test_every_autotune_config_on_the_lean_path(index, monkeypatch):
     """The same without a mask, causal or dropout, where whole blocks run the lean body (no bounds
     checks, the scale in the exponent) and only the last, partial one the masked body: lengths that
     are no multiple of any block, and lengths of whole blocks only (no masked block at all); then
     packed sequences through the same kernels (VARLEN)."""
-    from tests.test_varlen_triton import check_varlen, packed_inputs
+    from tests.attention.test_varlen_triton import check_varlen, packed_inputs
 
     kernels_and_configs = [
         (attention_module._attention_forward_kernel, attention_configs.FORWARD_CONFIGS),
@@ -541,6 +545,7 @@ def test_every_autotune_config_on_the_lean_path(index, monkeypatch):
     check_varlen(lengths_q, lengths_k, packed_inputs(lengths_q, lengths_k, 2, 64, bf16, seed=index))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head_dim", [40, 72, 80, 96, 160])
 @pytest.mark.parametrize("dtype", [f16, bf16])
 def test_head_dim_split_in_two_pieces(head_dim, dtype):
@@ -572,6 +577,7 @@ def test_custom_op_schema_and_autograd_registration():
             torch.library.opcheck(attention_module.attention_forward, args, test_utils=checks)
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None)
 @given(
     dtype=st.sampled_from(DTYPES),

@@ -2,7 +2,7 @@
 
 The einsum path (a loop over the sequences through the fallback) against the plain reference run
 on each sequence alone, in float64, forward and backward; the input checks; a packed ViT equal to
-running each image alone. The Triton varlen kernels are tested in tests/test_varlen_triton.py.
+running each image alone. The Triton varlen kernels are tested in tests/attention/test_varlen_triton.py.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from tests.equivalence import assert_close_to_reference
 from vit.model import ViT
 
 f64 = torch.float64
+TRITON = pytest.param("triton", marks=pytest.mark.interpreter)  # runs the kernels: the interpreter on a CPU
 
 
 def packed(lengths_q, lengths_k, heads=2, head_dim=16, head_dim_v=None, dtype=f64, seed=0):
@@ -130,6 +131,7 @@ def test_packed_vit_equals_each_image_alone(pool, class_token):
     torch.testing.assert_close(packed_logits, alone)
 
 
+@pytest.mark.interpreter
 def test_packed_vit_on_the_triton_path_equals_each_image_alone_on_the_reference():
     """The fused model's packed forward through the Triton varlen kernels (interpreted on a CPU)."""
     torch.manual_seed(0)
@@ -172,7 +174,7 @@ def test_packed_vit_refuses_sides_that_are_not_patch_multiples():
         model([torch.rand(3, 16, 16), torch.rand(3, 12, 16)])
 
 
-@pytest.mark.parametrize("backend", ["einsum", "triton"])
+@pytest.mark.parametrize("backend", ["einsum", TRITON])
 def test_varlen_takes_max_seqlen_as_a_0d_integer_tensor(backend):
     """What Qwen's vision towers compute: ``cu_seqlens.diff().max()``, a 0-d tensor."""
     q, k, v, cu_q, cu_k = packed([3, 4], [5, 2], dtype=torch.float32)
@@ -196,7 +198,7 @@ def _strided_cu_seqlens(values):
 
 
 @pytest.mark.parametrize("which", ["every_other", "offset", "expanded"])
-@pytest.mark.parametrize("backend", ["einsum", "triton"])
+@pytest.mark.parametrize("backend", ["einsum", TRITON])
 def test_varlen_reads_the_values_of_a_strided_cu_seqlens(which, backend):
     """Issue 19: a strided view's values were checked on the host, then read as if contiguous."""
     lengths_q, lengths_k = [4, 6, 3], [5, 2, 7]
@@ -274,7 +276,7 @@ def test_varlen_compiles_fullgraph_with_no_host_read(compile_backend, given):
         compiled(q.detach(), k.detach(), v.detach(), bad, cu_k)
 
 
-@pytest.mark.parametrize("backend", ["einsum", "triton"])
+@pytest.mark.parametrize("backend", ["einsum", TRITON])
 def test_varlen_causal_is_top_left_aligned_not_flash_attns_bottom_right(backend):
     """Issue 19 item 7: query i sees keys j <= i of its sequence (SDPA's convention, as the README
     says), which differs from flash-attn >= 2.1 (j <= i + Nk - Nq) whenever Nq != Nk."""

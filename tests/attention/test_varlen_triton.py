@@ -23,6 +23,8 @@ from kernels.triton.attention_ops import attention_varlen_triton
 from tests.equivalence import DEVICE, ON_GPU, assert_close_to_reference
 
 f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+# Every test here runs the kernels (in the interpreter on a CPU) but the one of empty packs.
+pytestmark = pytest.mark.interpreter
 
 
 def cu_seqlens(lengths) -> torch.Tensor:
@@ -145,6 +147,7 @@ def test_varlen_with_no_sequences_or_no_rows():
         assert all(t.grad is not None and t.grad.shape == t.shape for t in leaves)
 
 
+@pytest.mark.slow
 @settings(max_examples=6 if not ON_GPU else 40, deadline=None)
 @given(
     lengths=st.lists(st.tuples(st.integers(0, 48), st.integers(0, 48)), min_size=1, max_size=4),
@@ -156,7 +159,7 @@ def test_varlen_random_lengths(lengths, head_dim, is_causal):
     check_varlen(lengths_q, lengths_k, packed_inputs(lengths_q, lengths_k, 2, head_dim, f16), is_causal=is_causal)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="VLM-sized packs: minutes in the interpreter, compiled on a GPU")
+@pytest.mark.gpu(reason="VLM-sized packs: minutes in the interpreter, compiled on a GPU")
 def test_varlen_at_a_qwen_sized_pack():
     lengths = [1024, 256, 64, 3000, 729]
     check_varlen(lengths, lengths, packed_inputs(lengths, lengths, 16, 80, bf16, fused_qkv=True))

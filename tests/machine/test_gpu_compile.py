@@ -21,9 +21,11 @@ The compilation runs in one subprocess with TRITON_INTERPRET=0 (with the interpr
 ``@triton.jit`` gives interpreter functions, which cannot be compiled). On a GPU machine this test
 is skipped: there the kernel tests compile and run the kernels for real. If the installed Triton
 lacks the ahead-of-time API used here (``triton.compile(ASTSource(...), target=GPUTarget(...))``),
-or cannot compile a trivial kernel for sm_90 at all (no ptxas), the test skips and says why.
+or cannot compile a trivial kernel for sm_90 at all (no ptxas), the test fails on the pinned
+toolchain (Triton 3.6-3.8 with its bundled ptxas on Linux x86_64) and elsewhere skips, saying what
+the platform lacks (tests/machine/toolchain.py). Each case prints a line on the terminal once compiled.
 
-``TRITON_INTERPRET=0 python -m tests.test_gpu_compile`` prints one JSON line per compilation (shared
+``TRITON_INTERPRET=0 python -m tests.machine.test_gpu_compile`` prints one JSON line per compilation (shared
 memory, registers, spills); ``pytest -s`` prints them as a table.
 """
 
@@ -31,6 +33,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,8 +42,9 @@ import pytest
 import torch
 
 from bench import sass
+from tests.machine.toolchain import Progress, cannot_compile, import_triton
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The most shared memory one block may use (the opt-in maximum), in bytes: 227 KB on H100, 163 KB on A100.
 SHARED_MEMORY_PER_BLOCK = {90: 232448, 80: 166912}
 TARGET_ARCH = 90
@@ -130,22 +135,49 @@ def _table(results) -> str:
 # The test.
 
 
+def _compile_in_a_subprocess(environment: dict, progress: Progress) -> tuple[int, list[str], str]:
+    """Run this module's ``_main`` with the interpreter off: (exit status, stdout lines, stderr), with a
+    line on the terminal as each case is compiled."""
+    with tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.machine.test_gpu_compile"], env=environment, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )
+        watchdog = threading.Timer(900, process.kill)
+        watchdog.start()
+        lines, case, count = [], None, 0
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            name = json.loads(line)["case"] if line.startswith("{") else None
+            if case is not None and name != case:
+                progress(f"{case}: {count} compiled")
+                count = 0
+            case, count = name, count + 1
+        if case is not None:
+            progress(f"{case}: {count} compiled")
+        process.wait()
+        watchdog.cancel()
+        stderr.seek(0)
+        return process.returncode, lines, stderr.read()
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile the kernels for real")
-def test_kernels_compile_for_sm90_and_fit_shared_memory(tmp_path):
-    pytest.importorskip("triton")
+def test_kernels_compile_for_sm90_and_fit_shared_memory(request, tmp_path):
+    import_triton()
+    progress = Progress(request.config, "tests/machine/test_gpu_compile.py, sm_90:")
+    progress("compiling the kernels case by case, in a subprocess")
     # A fresh cache: every kernel is compiled (and ptxas reports on it), none comes from an earlier run.
     environment = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT), "TRITON_CACHE_DIR": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.test_gpu_compile"], env=environment, cwd=ROOT,
-        capture_output=True, text=True, timeout=900, check=False,
-    )
-    skipped = [line for line in result.stdout.splitlines() if line.startswith(_SKIP)]
+    returncode, stdout, stderr = _compile_in_a_subprocess(environment, progress)
+    skipped = [line for line in stdout if line.startswith(_SKIP)]
     if skipped:
-        pytest.skip(skipped[0][len(_SKIP):])
-    assert result.returncode == 0, result.stderr[-4000:]
-    results = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        cannot_compile(skipped[0][len(_SKIP):])
+    assert returncode == 0, stderr[-4000:]
+    results = [json.loads(line) for line in stdout if line.startswith("{")]
     print(_table(results))
-    assert len(results) >= 30, result.stdout[-4000:]  # every case ran: nothing silently dropped
+    assert len(results) >= 30, "\n".join(stdout)[-4000:]  # every case ran: nothing silently dropped
     failed = [r for r in results if not r["ok"]]
     assert not failed, "\n\n".join(f"{r['case']}: {r['kernel']} {r['config']}\n{r['error']}" for r in failed)
     limit = SHARED_MEMORY_PER_BLOCK[TARGET_ARCH]

@@ -1,7 +1,7 @@
 """The attention kernels' Hopper machine code keeps the lean shape it was given, checked without a GPU.
 
 ``bench/sass.py`` compiles every kernel for sm_90 with Triton's compiler and bundled ptxas (as
-``tests/test_gpu_compile.py`` does) and reads the SASS. At the four ViT shapes of ``bench.sass.SHAPES``
+``tests/machine/test_gpu_compile.py`` does) and reads the SASS. At the four ViT shapes of ``bench.sass.SHAPES``
 (ViT-B/16, ViT-L/16 at 384, ViT-H/14, SigLIP-So400m; q, k, v views of a fused qkv), every config
 the autotuner may try there (after its pruning) must:
 - spill no register (ptxas's count, and no local-memory instruction in the SASS);
@@ -15,112 +15,91 @@ What is compiled: bf16 at the four shapes, fp16 at ViT-B/16 and SigLIP (head-dim
 128). The two dtypes compile to the same code but for the MMA's input type; fp16 at the other two
 shapes (same head-dim blocks, other lengths and head counts) would add about 40 s for no new fact.
 The patch projection: at ViT-H/14 in bf16, no config spills or falls to mma.sync. The compiles run
-once per module, in three subprocesses (TRITON_INTERPRET=0) two at a time; the SASS-reading
-heuristics are tested first on hand-written SASS. Last, ``bench/gpu_check.py``: without a GPU it
-says so in one line, and its table's ratios are to the fastest peer.
+once per module, in three subprocesses (TRITON_INTERPRET=0) two at a time, a line on the terminal
+as each (shape, dtype) is done (about 2 minutes on 2 cores); where the pinned toolchain cannot
+compile, the tests fail (tests/machine/toolchain.py). The SASS-reading heuristics are tested on
+hand-written SASS in test_sass_reading.py.
 """
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from bench import sass
+from tests.machine.toolchain import Progress, cannot_compile, import_triton
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # (shapes, dtypes) of each bench.sass run, the longest first
 RUNS = [(("vit_b16",), ("bf16", "fp16")), (("vit_l16_384", "vit_h14"), ("bf16",)), (("siglip_so400m",), ("bf16", "fp16"))]
 COMPILED = [(shape, dtype) for shapes, dtypes in RUNS for shape in shapes for dtype in dtypes]
 ATTENTION = ("_attention_forward_kernel", "_attention_backward_delta_kernel", "_attention_backward_kv_kernel",
              "_attention_backward_q_kernel")
 WITH_DOTS = ("_attention_forward_kernel", "_attention_backward_kv_kernel", "_attention_backward_q_kernel")
-
-
-# ---------------------------------------------------------------------------------------------
-# The heuristics, on hand-written SASS.
-
-SASS = """
-        Function : kernel
-        /*0000*/                   MOV R1, c[0x0][0x28] ;                /* 0x00000a0000017a02 */
-        /*0010*/              @!P5 LDG.E.128 R36, desc[UR18][R40.64] ;   /* 0x000000122824d981 */
-        /*0020*/                   LDG.E.U16 R2, desc[UR4][R2.64] ;      /* 0x0000000402027981 */
-        /*0030*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ; /* 0x0000000c0804723c */
-        /*0040*/                   IADD3 R5, R5, 0x1, RZ ;               /* 0x0000000105057810 */
-        /*0050*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], RZ, !UPT ; /* 0x00e0 */
-        /*0060*/                   NOP ;                                 /* 0x0000000000007918 */
-        /*0070*/                   MUFU.EX2 R32, R36 ;                   /* 0x0000002400207308 */
-        /*0080*/               @P0 BRA 0x50 ;                            /* 0xffffffe40010a947 */
-        /*0090*/                   LDGSTS.E.BYPASS.LTC128B.128 [R51], desc[UR18][R22.64], !P2 ; /* 0x0 */
-        /*00a0*/               @P1 BRA 0x30 ;                            /* 0xfffffffc00fc7947 */
-        /*00b0*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ; /* 0x00e0 */
-        /*00c0*/                   FFMA R3, R4, R5, R6 ;                 /* 0x00e0 */
-        /*00d0*/               @P2 BRA 0xb0 ;                            /* 0xfffffffc00fc7947 */
-        /*00e0*/                   EXIT ;                                /* 0x000000000000794d */
-        /*00f0*/                   BRA 0xf0;                             /* 0xfffffffc00fc7947 */
-"""
-
-
-def test_main_loop_is_the_innermost_loop_with_a_tensor_core_instruction():
-    """Loops: [0x30, 0xa0] holds the MMA loop [0x50, 0x80] (innermost: picked over its parent), and a
-    sibling [0xb0, 0xd0] with as many MMAs comes later (the first wins a tie); the trap loop at
-    0xf0 has no MMA."""
-    code = sass.instructions(SASS)
-    assert len(code) == 16 and code[8] == (0x80, "@P0 BRA 0x50")
-    assert sass.main_loop(code) == (0x50, 0x80)
-    assert sass.main_loop([c for c in code if c[0] < 0x50 or c[0] > 0xa0]) == (0xb0, 0xd0)
-    assert sass.main_loop([c for c in code if "MMA" not in c[1]]) is None
-
-
-def test_analyse_counts_per_score_and_loads_by_width():
-    facts = sass.analyse(SASS, "_attention_forward_kernel", {"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4)
-    assert facts["loop_instructions"] == 3  # 0x50 to 0x80, the NOP not counted
-    assert facts["instructions_per_score"] == round(3 * 32 * 4 / (64 * 64), 2)
-    assert (facts["hgmma"], facts["hmma"]) == (2, 1)
-    assert facts["global_loads"] == {"128": 2, "16": 1}  # LTC128B is a cache hint, not a width
-    assert sass.analyse(SASS, "_patch_embed_forward_kernel", {"BLOCK_M": 64}, 4)["instructions_per_score"] is None
-
-
-def test_blocks_per_sm():
-    assert sass.blocks_per_sm(128, 40960, 4) == 4  # 4 x 16K registers: the register file
-    assert sass.blocks_per_sm(168, 147456, 4) == 1  # shared memory
-    assert sass.blocks_per_sm(32, 128, 4) == 16  # threads: 2048 / 128
-    assert sass.blocks_per_sm(None, 0, 4) is None
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # every test here reads compiles for sm_90
 
 
 # ---------------------------------------------------------------------------------------------
 # The compiled kernels.
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory) -> dict:
-    """{(shape, dtype): [report entries of the attention kernels]}, one bench.sass run per shape."""
-    pytest.importorskip("triton")
-    out = tmp_path_factory.mktemp("sass")
+def run_bench_sass(jobs: list[tuple[Path, str, tuple, tuple]], progress: Progress) -> list[tuple[Path, int, str]]:
+    """``python -m bench.sass`` for each (out, op, shapes, dtypes), two at a time (each compiles on one
+    core), with a line on the terminal as each (shape, dtype) is done: [(out, exit status, stderr)].
+
+    bench.sass compiles shape by shape, dtype by dtype, into ``out/<shape>-<dtype>/``: a (shape,
+    dtype) is done when the next one's folder appears, or when the run ends."""
     environment = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
-    jobs = []
-    for shapes, dtypes in RUNS:
-        command = [sys.executable, "-m", "bench.sass", "--op", "attention", "--out", str(out / shapes[0])]
-        command += [word for shape in shapes for word in ("--shape", shape)]
-        command += [word for dtype in dtypes for word in ("--dtype", dtype)]
-        jobs.append((shapes[0], command))
-    finished, running = [], []
-    while jobs or running:
-        while jobs and len(running) < 2:  # the compiles are single-threaded: two at a time
-            shape, command = jobs.pop(0)
-            process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            running.append((shape, process))
-        shape, process = running.pop(0)
-        stdout, stderr = process.communicate(timeout=900)
-        finished.append((shape, process.returncode, stdout, stderr))
+    pending, running, finished = list(jobs), [], []
+    with contextlib.ExitStack() as files:
+        while pending or running:
+            while pending and len(running) < 2:  # the compiles are single-threaded: two at a time
+                out, op, shapes, dtypes = pending.pop(0)
+                command = [sys.executable, "-m", "bench.sass", "--op", op, "--out", str(out)]
+                command += [word for shape in shapes for word in ("--shape", shape)]
+                command += [word for dtype in dtypes for word in ("--dtype", dtype)]
+                stderr = files.enter_context(tempfile.TemporaryFile("w+"))
+                process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL,
+                                           stderr=stderr, text=True)
+                folders = [f"{shape}-{dtype}" for shape in shapes for dtype in dtypes]
+                running.append((out, op, folders, process, stderr, time.monotonic()))
+            time.sleep(0.5)
+            for job in list(running):
+                out, op, folders, process, stderr, started = job
+                if process.poll() is None and time.monotonic() - started > 900:
+                    process.kill()
+                ended = process.poll() is not None
+                while folders and (ended or (len(folders) > 1 and (out / folders[1]).exists())):
+                    done = out / folders.pop(0)
+                    if done.exists():
+                        progress(f"{op} {done.name}: {len(list(done.glob('*.sass')))} compiled")
+                if ended:
+                    stderr.seek(0)
+                    finished.append((out, process.returncode, stderr.read()))
+                    running.remove(job)
+    return finished
+
+
+@pytest.fixture(scope="module")
+def compiled(request, tmp_path_factory) -> dict:
+    """{(shape, dtype): [report entries of the attention kernels]}, one bench.sass run per shape."""
+    import_triton()
+    out = tmp_path_factory.mktemp("sass")
+    progress = Progress(request.config, "tests/machine/test_sass.py, sm_90:")
+    progress(f"compiling the attention kernels at {len(COMPILED)} shapes and dtypes, {len(RUNS)} runs, two at a time")
+    finished = run_bench_sass([(out / shapes[0], "attention", shapes, dtypes) for shapes, dtypes in RUNS], progress)
     entries = {}
-    for shape, returncode, stdout, stderr in finished:
+    for run_out, returncode, stderr in finished:
         if returncode == sass.EXIT_CANNOT_COMPILE:
-            pytest.skip(stderr.strip().splitlines()[-1])
-        report = out / shape / "report.json"
-        assert report.exists(), f"bench.sass --shape {shape} ... exited {returncode}:\n{stderr[-4000:]}"
+            cannot_compile(stderr.strip().splitlines()[-1])
+        report = run_out / "report.json"
+        assert report.exists(), f"bench.sass --shape {run_out.name} ... exited {returncode}:\n{stderr[-4000:]}"
         for entry in json.loads(report.read_text()):
             entries.setdefault((entry["shape"], entry["dtype"]), []).append(entry)
     return entries
@@ -181,17 +160,16 @@ def test_forward_main_loop_at_vit_b16_is_lean(compiled, dtype):
 
 
 @pytest.fixture(scope="module")
-def compiled_patch_embed(tmp_path_factory) -> list[dict]:
-    pytest.importorskip("triton")
+def compiled_patch_embed(request, tmp_path_factory) -> list[dict]:
+    import_triton()
     out = tmp_path_factory.mktemp("sass_patch_embed")
-    environment = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "bench.sass", "--op", "patch_embed", "--shape", "vit_h14", "--dtype", "bf16",
-               "--out", str(out)]
-    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900, check=False)
-    if result.returncode == sass.EXIT_CANNOT_COMPILE:
-        pytest.skip(result.stderr.strip().splitlines()[-1])
+    progress = Progress(request.config, "tests/machine/test_sass.py, sm_90:")
+    progress("compiling the patch projection at vit_h14 bf16")
+    [(_, returncode, stderr)] = run_bench_sass([(out, "patch_embed", ("vit_h14",), ("bf16",))], progress)
+    if returncode == sass.EXIT_CANNOT_COMPILE:
+        cannot_compile(stderr.strip().splitlines()[-1])
     report = out / "report.json"
-    assert report.exists(), f"bench.sass --op patch_embed exited {result.returncode}:\n{result.stderr[-4000:]}"
+    assert report.exists(), f"bench.sass --op patch_embed exited {returncode}:\n{stderr[-4000:]}"
     return json.loads(report.read_text())
 
 
@@ -204,36 +182,3 @@ def test_patch_projection_neither_spills_nor_falls_to_mma_sync(compiled_patch_em
         if "error" in e or e["spilled_bytes"] != 0 or e["local_memory_instructions"] != 0 or e["hgmma"] == 0 or e["hmma"] != 0
     ]
     assert not wrong, "\n".join(wrong)
-
-
-# ---------------------------------------------------------------------------------------------
-# bench/gpu_check.py, which needs a GPU to do anything: it imports, and says so in one line.
-
-
-def test_gpu_check_without_a_gpu_says_so_in_one_line():
-    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", "bench.gpu_check"], cwd=ROOT, env=environment,
-                            capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines() == [
-        "bench.gpu_check: no CUDA GPU here (torch.cuda.is_available() is False): nothing checked or timed"
-    ]
-
-
-def test_gpu_check_table_ratios_are_to_the_fastest_peer():
-    from bench import gpu_check
-
-    timings = [
-        {"case": "c", "provider": "vitriton", "role": "ours", "ms": 1.0, "inputs": "views",
-         "tflops": 300.0, "roofline_fraction": 0.5, "bound": "compute"},
-        {"case": "c", "provider": "slow", "role": "peer", "ms": 4.0, "inputs": "views"},
-        {"case": "c", "provider": "fast", "role": "peer", "ms": 2.0, "inputs": "contiguous copies"},
-        {"case": "c", "provider": "broken", "role": "peer", "error": "RuntimeError: no"},
-        {"case": "d", "provider": "vitriton", "role": "ours", "ms": 1.0, "inputs": "views"},
-    ]
-    table = gpu_check.markdown(["header"], [{"shape": "s", "B, H, N, D": "1, 2, 3, 4", "result": "pass"}], timings)
-    assert "| c | vitriton | 1.000 | 300.0 | 2.00x | 50% (compute) | views |" in table
-    assert "| c | slow | 4.000 |  | 0.50x |  | views |" in table
-    assert "| c | broken | | | | | RuntimeError: no |" in table
-    assert "| d | vitriton | 1.000 |  | no peer ran |  | views |" in table
-    assert "| s | 1, 2, 3, 4 | pass |" in table

@@ -16,14 +16,16 @@ from hypothesis import strategies as st
 import kernels
 from kernels.reference import patch_embed_reference
 from kernels.triton.patch_embed import _grad_weight, patch_embed_triton
-from tests.equivalence import DEVICE, ON_GPU, assert_close_to_reference
+from tests.equivalence import DEVICE, assert_close_to_reference
 
 # The module, not the function `kernels.patch_embed` that the package binds over its name.
 patch_embed_module = importlib.import_module("kernels.triton.patch_embed")
 
 NAMES = ("images", "weight", "bias", "cls_token", "pos_embed")
 f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="full ViT sizes: minutes in the interpreter, compiled on a GPU")
+needs_gpu = pytest.mark.gpu(reason="full ViT sizes: minutes in the interpreter, compiled on a GPU")
+# Every test here runs the kernels (in the interpreter on a CPU) but the few that check arguments.
+pytestmark = pytest.mark.interpreter
 
 
 def make_inputs(
@@ -280,6 +282,7 @@ def test_empty_batch():
     assert torch.equal(inputs["weight"].grad, torch.zeros_like(inputs["weight"]))
 
 
+@pytest.mark.slow
 @settings(max_examples=10, deadline=None)
 @given(
     dtype=st.sampled_from([f16, bf16, f32]),
@@ -304,8 +307,7 @@ def test_property_matches_reference(
     check_against_reference(inputs)
 
 
-@pytest.mark.skipif(
-    not ON_GPU,
+@pytest.mark.gpu(
     reason="torch.compile of a triton_op needs CUDA: under the CPU interpreter its fake tensors have no data pointer",
 )
 def test_compiles_fullgraph_forward_and_backward():
@@ -323,7 +325,7 @@ def test_compiles_fullgraph_forward_and_backward():
     )
 
 
-@pytest.mark.skipif(not ON_GPU, reason="opcheck's fake-tensor checks need CUDA: the CPU interpreter reads data pointers")
+@pytest.mark.gpu(reason="opcheck's fake-tensor checks need CUDA: the CPU interpreter reads data pointers")
 def test_custom_op_passes_opcheck():
     inputs = leaves(make_inputs(2, 3, 32, 48, 16, 64, f16))
     torch.library.opcheck(torch.ops.vitriton.patch_embed_forward.default, tuple(inputs[n] for n in NAMES))

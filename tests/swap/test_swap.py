@@ -39,8 +39,10 @@ from tests.equivalence import (
     assert_close_to_reference,
     assert_training_step_matches,
 )
+from tests.robustness import one_line_error
 
-BACKENDS = ["einsum", "triton"]
+# Triton runs the kernels (the interpreter on a CPU): about a second per model there, so slow.
+BACKENDS = ["einsum", pytest.param("triton", marks=[pytest.mark.interpreter, pytest.mark.slow])]
 WIDTH, HEADS, DEPTH, CLASSES, BATCH = 32, 2, 2, 10, 2
 
 
@@ -385,6 +387,16 @@ def test_timm_patch_embedding_it_cannot_fuse_exactly_is_left_alone(options, reas
     assert_close_to_reference(actual, reference64, reference_low)
 
 
+# Bad input: one line (tests/*/test_robustness.py hold the other public functions to the same).
+
+
+def test_swap_bad_input_is_a_one_line_error():
+    one_line_error(TypeError, "^swap: expected a torch.nn.Module, got list", kernels.swap, [])
+    message = one_line_error(ValueError, "^swap: found no attention or patch-embedding module it knows in Linear",
+                             kernels.swap, nn.Linear(2, 2))
+    assert "; it knows timm " in message and "timm Attention," in message and "vit MultiHeadAttention" in message
+
+
 # ---------------------------------------------------------------------------------------------
 # timm Attention: the signature, masks, causal, dropout.
 
@@ -597,7 +609,7 @@ def test_transformers_is_not_fooled_by_our_kernels_package(tmp_path, monkeypatch
     try:
         assert not is_kernels_available()
         # Installed: a dist-info saying that vitriton (at setup.py's version) provides `kernels`.
-        version = re.search(r'version="([^"]+)"', (Path(__file__).parents[1] / "setup.py").read_text())[1]
+        version = re.search(r'version="([^"]+)"', (Path(__file__).parents[2] / "setup.py").read_text())[1]
         info = tmp_path / f"vitriton-{version}.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vitriton\nVersion: {version}\n")

@@ -201,6 +201,7 @@ def test_naflexvit_padding_mask_runs_on_our_kernel(key_only, monkeypatch):
 # The same towers through the Triton varlen kernels (Triton's interpreter on a CPU).
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("build, inputs", [
     (qwen2_5_vl, lambda: (torch.randn(int(GRID.prod(-1).sum()), 3 * TEMPORAL * PATCH * PATCH, dtype=f64),)),
     (pixtral, _pixtral_inputs),
@@ -251,6 +252,7 @@ def _captured_call(module, run):
     return seen["args"], seen["kwargs"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [qwen2_vl, qwen2_5_vl, qwen3_vl])
 def test_swapped_qwen_towers_compile_fullgraph(build, compile_backend="aot_eager"):
     """Issue 19: the cu_seqlens checks read values on the host, a data-dependent break in the graph.

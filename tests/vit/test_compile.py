@@ -4,8 +4,8 @@ The Triton kernels are custom ops (``torch.library.triton_op``). Under Triton's 
 ``wrap_triton`` hands back the raw kernel, which cannot run on fake tensors, so the CPU check runs
 in a subprocess with the interpreter off, on "meta" tensors: Dynamo and AOTAutograd trace the
 whole model through the ops' shape functions, forward and backward, and nothing is launched. On
-a GPU the kernel tests also compile and run the ops for real (tests/test_attention_triton.py,
-tests/test_patch_embed_triton.py).
+a GPU the kernel tests also compile and run the ops for real (tests/attention/test_triton.py,
+tests/patch_embed/test_triton.py).
 """
 
 import os
@@ -14,15 +14,18 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 import kernels
 from vit.model import ViT
 
 SMALL = {"image_size": 32, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_fused_vit_traces_fullgraph_through_the_custom_ops():
     script = textwrap.dedent(
         f"""

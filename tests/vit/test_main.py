@@ -1,9 +1,9 @@
 """``python -m vit``: bad input ends in one line on stderr and exit status 2, never a traceback.
 
-The first cases (a missing or unreadable file, ``--batch 0``) are in tests/test_robustness.py;
-these are the ones that ended in tracebacks before: a batch too big for the memory there is, an
-image above Pillow's decompression-bomb limit, a VITRITON_BACKEND that names no backend. And
-the main job runs under ``kernels.use_backend``, so it leaves no global backend behind.
+The first cases (a missing or unreadable file, ``--batch 0``) are in test_robustness.py beside
+this file; these are the ones that ended in tracebacks before: a batch too big for the memory there
+is, an image above Pillow's decompression-bomb limit, a VITRITON_BACKEND that names no backend.
+And the main job runs under ``kernels.use_backend``, so it leaves no global backend behind.
 """
 
 import importlib
@@ -21,7 +21,7 @@ import kernels
 from vit.model import ViT
 
 vit_main = importlib.import_module("vit.__main__")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = "vit_tiny_patch16_224"  # the fastest preset to run for real
 
 
@@ -31,6 +31,7 @@ def run_main(capsys, *arguments: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+@pytest.mark.subprocess  # the fast subset's one real `python -m vit` (about 3 s)
 def test_a_batch_no_memory_can_hold_is_one_line_before_any_work():
     # Before: a RuntimeError traceback from PyTorch's allocator (or, where the memory is
     # overcommitted, the kernel's OOM killer) once the batch was cut into patches.
@@ -184,6 +185,8 @@ def test_without_backend_the_calling_threads_backend_runs(monkeypatch, capsys):
     assert seen == ["einsum"]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_vitriton_backend_is_read_any_case_and_a_bad_one_is_one_line():
     """Before, --backend's default "auto" hid VITRITON_BACKEND from the main job: "bogus" ran as
     if unset. Now a bad value is one line and exit status 2, and the others run as their name

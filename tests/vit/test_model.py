@@ -228,7 +228,7 @@ def test_fused_flag_is_a_module_attribute_defaulting_to_the_global_backend():
         assert model.fused and model.patch_embed.fused and all(block.attn.fused for block in model.blocks)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [pytest.param(True, marks=pytest.mark.interpreter), False])
 def test_flag_selects_the_path(monkeypatch, fused):
     """fused=True: kernels.attention and kernels.patch_embed with backend=None, so the thread's
     backend decides (Triton here); fused=False: kernels.attention(backend="einsum") and the
@@ -263,6 +263,7 @@ def test_flag_selects_the_path(monkeypatch, fused):
         assert launches == []
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("form", ["conv", "linear"])
 def test_fused_model_equals_reference_forward_and_backward(form):
     torch.manual_seed(0)
@@ -282,6 +283,7 @@ def test_fused_model_equals_reference_forward_and_backward(form):
         assert_close_to_reference(p_fused.grad, p_ref.grad, p_low.grad, name=f"grad {name}")
 
 
+@pytest.mark.interpreter
 def test_fused_patch_embedding_under_autocast_projects_in_low_precision(monkeypatch):
     # As Conv2d + cat + add under autocast: the projection in bf16, the tokens in float32 (the
     # class token and position embedding are float32), so the residual stream stays float32.

@@ -29,7 +29,7 @@ from vit.timm_weights import to_timm_state_dict
 timm = pytest.importorskip("timm")
 
 vit_main = importlib.import_module("vit.__main__")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = "vit_tiny_patch16_224"  # the smallest preset with timm weights (192 wide, 12 blocks)
 
 
@@ -166,6 +166,8 @@ def test_packed_images_with_weights_print_names(monkeypatch, capsys, tmp_path, t
 # 2. Weights that cannot be had, or do not fit: one line on stderr, exit status 2.
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_pretrained_without_the_hub_is_one_line(tmp_path):
     """An empty cache and HF_HUB_OFFLINE=1: what a machine without network sees, at once."""
     environment = {
@@ -324,6 +326,8 @@ def test_a_pth_file_holding_something_else_is_one_line_of_ours(monkeypatch, caps
     assert [str(warning.message) for warning in recwarn if "pickle" in str(warning.message)] == []
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_plain_pickle_is_one_line_on_stderr_with_no_warning_and_no_advice(tmp_path, timm_tiny):
     """The same through the command line: stderr holds our line, not torch's warning before it."""
     path = tmp_path / "tiny.pth"

@@ -15,7 +15,7 @@ What the table reads from the SASS: tensor-core instructions (HGMMA is Hopper's 
 older mma.sync at about half the rate), global loads by width (LDG and cp.async LDGSTS; 128-bit is
 vectorised, 16-bit is one bf16/fp16 element at a time), and the main loop (``main_loop``): its
 instructions per warp per iteration and per score, ``loop instructions * 32 * num_warps / tile``.
-Tests: ``tests/test_sass.py``; ``tests/test_gpu_compile.py`` reuses the recording and compiling.
+Tests: ``tests/machine/test_sass.py``; ``tests/machine/test_gpu_compile.py`` reuses the recording and compiling.
 """
 
 from __future__ import annotations

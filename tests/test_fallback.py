@@ -307,7 +307,7 @@ def test_a_bias_of_finfo_min_on_every_key_is_no_masked_row(backend, dtype, bias_
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_the_floor_keeps_a_nan_bias_nan(dtype):
     """The raise of finite biases leaves NaN NaN, as in SDPA: that query row's output and bias
-    gradient are NaN, the other rows untouched (tests/test_mask_values.py has the full pattern)."""
+    gradient are NaN, the other rows untouched (tests/attention/test_mask_values.py has the full pattern)."""
     shape = (1, 2, 5, 7)
     q, k, v = qkv(*shape, dtype=dtype)
     bias = finfo_min_bias(shape, dtype)

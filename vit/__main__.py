@@ -70,7 +70,7 @@ def bytes_per_image(config: ViTConfig) -> int:
     the first block's GELU runs, in float32. The patches, the tokens and the attention output
     kept for printing, the residual stream and its norm (E wide each), the MLP's first layer
     and its GELU (hidden wide each). The real peak is higher (temporaries, the allocator's
-    fragmentation): 1.5 to 5 times this on the CPU (tests/test_main.py), so a batch this
+    fragmentation): 1.5 to 5 times this on the CPU (tests/vit/test_main.py), so a batch this
     refuses cannot run, and one it lets through may still run out (caught in ``main``).
     """
     tokens = config.num_patches + int(config.class_token)

@@ -3,7 +3,7 @@
 ``TARGETS`` is timm's rows (timm.py), then torch's and torchvision's (torch_nn.py), then
 transformers' (transformers.py), then our own ``vit`` modules, which have a flag (``fused``).
 A module takes the first row whose class it is an instance of (or whose ``matches_module`` says
-so). The README's swap table is ``swap_table()``, pasted; tests/test_swap_coverage.py checks it.
+so). The README's swap table is ``swap_table()``, pasted; tests/swap/test_coverage.py checks it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Autotune tables of the attention kernels and the constants every attention file shares.
 
 The tables are read off Hopper machine code (``python -m bench.sass``; sm_90, ptxas 12.9) and
-held there by ``tests/test_sass.py``; which config wins is measured on a GPU
+held there by ``tests/machine/test_sass.py``; which config wins is measured on a GPU
 (``python -m bench.gpu_check``). In Triton's interpreter one config runs.
 """
 

@@ -50,7 +50,7 @@ def _configs(sizes: list[tuple[int, int, int, int, int]], names: tuple[str, str,
 # by the autotuner. The interpreter gets one config: autotuning there would only multiply the
 # run time. Each kernel names its blocks by what they tile: rows M = B*N, columns D, depth K.
 # Left out, read off the sm_90 machine code (``python -m bench.sass --op patch_embed``, held by
-# tests/test_sass.py): 2-warp tiles, under a warpgroup, compile to mma.sync (HMMA) instead of
+# tests/machine/test_sass.py): 2-warp tiles, under a warpgroup, compile to mma.sync (HMMA) instead of
 # wgmma; and in the forward, whose gathered patch addresses take registers beside the
 # accumulator, the tiles that spill at ViT-B/16 or ViT-H/14 in bf16 (128x256 and 256x128 with 8
 # warps, 128x128 with 4, and 64x128 with 4 at patch 14).

@@ -51,12 +51,7 @@ import torch
 
 from kernels import reference
 from kernels.checks import head_dim_problem
-from kernels.triton.attention_bwd import (  # noqa: F401  (the kernels, as tests reach them: see launch.py)
-    _attention_backward_kv_kernel,
-    _attention_backward_q_kernel,
-    _dropout_keep_mask_kernel,
-)
-from kernels.triton.attention_fwd import _attention_forward_kernel  # noqa: F401
+from kernels.triton.attention_bwd import _dropout_keep_mask_kernel
 from kernels.triton.configs import _KEEP_MASK_BLOCK_M, _KEEP_MASK_BLOCK_N
 from kernels.triton.launch import (  # noqa: F401  (attention_grid, _head_dim_split, _kernel_constants: read by tests)
     _dense_layout,

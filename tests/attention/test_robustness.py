@@ -16,7 +16,6 @@ The same checks for the patch projection are in tests/patch_embed/test_robustnes
 tests/swap/test_swap.py; their shared helpers in tests/robustness.py.
 """
 
-import importlib
 import math
 import warnings
 
@@ -32,11 +31,13 @@ import kernels
 from kernels import backend as backend_choice
 from kernels.checks import MAX_HEAD_DIM, MIN_HEAD_DIM
 from kernels.reference import attention_reference
+from kernels.triton.attention_bwd import (
+    _attention_backward_kv_kernel,
+    _attention_backward_q_kernel,
+)
+from kernels.triton.attention_fwd import _attention_forward_kernel
 from tests.equivalence import DEVICE, DTYPES, ON_GPU, assert_close_to_reference
 from tests.robustness import examples, one_line_error, qkv, randn
-
-# The module that launches the attention kernels (its kernel objects are patched below).
-attention_module = importlib.import_module("kernels.triton.attention_ops")
 
 f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 needs_gpu = pytest.mark.gpu(reason="too slow or too big for the interpreter")
@@ -248,8 +249,8 @@ def long_sequence_configs(monkeypatch, block: int):
     """One config of ``block`` x ``block`` tiles for each attention kernel: fewer, bigger tiles are
     what makes a long sequence affordable in the interpreter, which pays per program and per step."""
     config = triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=1)
-    for kernel in ("_attention_forward_kernel", "_attention_backward_kv_kernel", "_attention_backward_q_kernel"):
-        monkeypatch.setattr(getattr(attention_module, kernel), "configs", [config])
+    for kernel in (_attention_forward_kernel, _attention_backward_kv_kernel, _attention_backward_q_kernel):
+        monkeypatch.setattr(kernel, "configs", [config])
 
 
 def largest_allocation(function) -> int:

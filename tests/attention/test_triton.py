@@ -19,6 +19,11 @@ from kernels.checks import MAX_HEAD_DIM, MIN_HEAD_DIM
 from kernels.reference import attention_reference
 from kernels.triton import attention_ops as attention_module
 from kernels.triton import configs as attention_configs
+from kernels.triton.attention_bwd import (
+    _attention_backward_kv_kernel,
+    _attention_backward_q_kernel,
+)
+from kernels.triton.attention_fwd import _attention_forward_kernel
 from kernels.triton.attention_ops import attention_grid, attention_triton
 from tests.equivalence import DEVICE, DTYPES, ON_GPU, assert_close_to_reference
 
@@ -287,7 +292,7 @@ def test_causal_skips_key_blocks_above_the_diagonal(monkeypatch):
     k, v = inputs["k"].clone(), inputs["v"].clone()
     k[:, :, 64:], v[:, :, 64:] = float("nan"), float("nan")  # beyond row 39's block for BLOCK_M <= 64
     config = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
-    monkeypatch.setattr(attention_module._attention_forward_kernel, "configs", [config])
+    monkeypatch.setattr(_attention_forward_kernel, "configs", [config])
     out = attention_triton(inputs["q"], k, v, is_causal=True)
     q, k, v, _ = inputs.values()
     expected64 = attention_reference(q.double(), k.double(), v.double(), is_causal=True)
@@ -512,9 +517,9 @@ def test_every_autotune_config_computes_the_same(index, monkeypatch):
     forward config (with a backward pair) on lengths that are no multiple of any block, causal
     with both Nq < Nk and Nq > Nk, a bias gradient and dropout."""
     kernels_and_configs = [
-        (attention_module._attention_forward_kernel, attention_configs.FORWARD_CONFIGS),
-        (attention_module._attention_backward_kv_kernel, attention_configs.BACKWARD_KV_CONFIGS),
-        (attention_module._attention_backward_q_kernel, attention_configs.BACKWARD_Q_CONFIGS),
+        (_attention_forward_kernel, attention_configs.FORWARD_CONFIGS),
+        (_attention_backward_kv_kernel, attention_configs.BACKWARD_KV_CONFIGS),
+        (_attention_backward_q_kernel, attention_configs.BACKWARD_Q_CONFIGS),
     ]
     for kernel, configs in kernels_and_configs:
         monkeypatch.setattr(kernel, "configs", [configs[index % len(configs)]])  # one config: no tuning
@@ -533,9 +538,9 @@ def test_every_autotune_config_on_the_lean_path(index, monkeypatch):
     from tests.attention.test_varlen_triton import check_varlen, packed_inputs
 
     kernels_and_configs = [
-        (attention_module._attention_forward_kernel, attention_configs.FORWARD_CONFIGS),
-        (attention_module._attention_backward_kv_kernel, attention_configs.BACKWARD_KV_CONFIGS),
-        (attention_module._attention_backward_q_kernel, attention_configs.BACKWARD_Q_CONFIGS),
+        (_attention_forward_kernel, attention_configs.FORWARD_CONFIGS),
+        (_attention_backward_kv_kernel, attention_configs.BACKWARD_KV_CONFIGS),
+        (_attention_backward_q_kernel, attention_configs.BACKWARD_Q_CONFIGS),
     ]
     for kernel, configs in kernels_and_configs:
         monkeypatch.setattr(kernel, "configs", [configs[index % len(configs)]])

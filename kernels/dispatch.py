@@ -161,7 +161,7 @@ def scaled_dot_product_attention(
             except RuntimeError:
                 raise ValueError(f"{op}: expected attn_mask broadcastable to {full}, got {tuple(attn_mask.shape)}") from None
     # Autocast's cast and the checks here, so errors name this function; ``attention`` then finds
-    # the inputs cast (its own cast is a no-op) and checked.
+    # the inputs already cast (its own cast is a no-op) and repeats the checks (host-side, cheap).
     device_type = _autocast_device([q, k, v])
     if device_type is not None:
         q, k, v, mask = _autocast_cast(device_type, [q, k, v, mask])
@@ -239,9 +239,8 @@ def _patch_embed_autocast(device_type: str, named: dict[str, torch.Tensor | None
     token and the add of the position embedding then promote: float32 parameters keep the tokens
     in float32, as in timm. The kernel adds them in its float32 epilogue, in the projection's dtype.
     """
-    low = torch.get_autocast_dtype(device_type)
-    conv_args = {name: named[name] for name in ("images", "weight", "bias")}
-    cast = {name: t if t is None or t.dtype == torch.float64 else t.to(low) for name, t in conv_args.items()}
+    conv_names = ("images", "weight", "bias")
+    cast = dict(zip(conv_names, _autocast_cast(device_type, [named[name] for name in conv_names])))
     _check_same("patch_embed (under autocast, which casts float32 to its dtype and leaves float64)", "dtype", cast)
     projection_dtype = cast["images"].dtype
     added = [named[name] for name in ("cls_token", "pos_embed") if named[name] is not None]

@@ -10,8 +10,6 @@ import math
 import torch
 import triton
 
-from kernels.checks import MAX_HEAD_DIM, MIN_HEAD_DIM  # noqa: F401  (the range the tables cover)
-
 LOG2E = math.log2(math.e)
 MASK_NONE, MASK_BOOL, MASK_BIAS = 0, 1, 2
 

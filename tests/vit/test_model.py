@@ -1,6 +1,6 @@
 """vit/model.py: shapes, the tutorial's bugs, the flag, parameter counts against timm."""
 
-import sys
+import importlib
 
 import numpy as np
 import pytest
@@ -235,7 +235,7 @@ def test_flag_selects_the_path(monkeypatch, fused):
     patch embedding's own nn modules, whatever the thread's backend."""
     backends = {"attention": [], "patch_embed": []}
     launches = []
-    attention_module = sys.modules["kernels.triton.attention_ops"]
+    attention_module = importlib.import_module("kernels.triton.attention_ops")
     triton_attention = attention_module.attention_triton
 
     def spy(name, function):
@@ -291,7 +291,7 @@ def test_fused_patch_embedding_under_autocast_projects_in_low_precision(monkeypa
     fused = PatchEmbedding(32, 16, 3, 24, fused=True).to(DEVICE)
     plain = PatchEmbedding(32, 16, 3, 24, fused=False).to(DEVICE)
     plain.load_state_dict(fused.state_dict())
-    patch_embed_module = sys.modules["kernels.triton.patch_embed"]
+    patch_embed_module = importlib.import_module("kernels.triton.patch_embed")
     seen = []
     launch = patch_embed_module.patch_embed_triton
 

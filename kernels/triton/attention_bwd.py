@@ -47,12 +47,18 @@ def _attention_backward_delta_kernel(
     batch_head = pid // n_row_blocks
     batch = (batch_head // n_heads).to(tl.int64)
     head = (batch_head % n_heads).to(tl.int64)
-    out_ptr += _slice_offset(batch, head, stride_ob, stride_oh, ROW_ALIGN)
-    grad_out_ptr += _slice_offset(batch, head, stride_gb, stride_gh, ROW_ALIGN)
+    out_strides = (stride_ob, stride_oh, stride_om, stride_od)
+    grad_out_strides = (stride_gb, stride_gh, stride_gm, stride_gd)
+    out_ptr += _slice_offset(batch, head, out_strides, ROW_ALIGN)
+    grad_out_ptr += _slice_offset(batch, head, grad_out_strides, ROW_ALIGN)
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    out = _load_rows(out_ptr, rows, stride_om, seqlen_q, stride_od, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, True, False)
+    out = _load_rows(
+        out_ptr, rows, out_strides, seqlen_q, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_DV, ROW_ALIGN=ROW_ALIGN,
+        CHECK_LENGTH=True, TRANSPOSED=False,
+    )
     grad_out = _load_rows(
-        grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, True, False
+        grad_out_ptr, rows, grad_out_strides, seqlen_q, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_DV, ROW_ALIGN=ROW_ALIGN,
+        CHECK_LENGTH=True, TRANSPOSED=False,
     )  # (BLOCK_M, BLOCK_DV)
     delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
     tl.store(delta_ptr + batch_head.to(tl.int64) * seqlen_q + rows, delta, mask=rows < seqlen_q)
@@ -60,33 +66,35 @@ def _attention_backward_delta_kernel(
 
 @triton.jit
 def _backward_kv_block(
-    grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m, q_ptr, grad_out_ptr, stats_ptr, delta_ptr,
-    mask_ptr, head_seed, keep_scale,
-    stride_qm, stride_qd, stride_gm, stride_gd, stride_maskm, stride_maskn, stride_stats,
-    seqlen_q, seqlen_k, scale_log2e, dropout_p,
+    grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m,
+    q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, q_strides, grad_out_strides, mask_strides, stride_stats,
+    head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SPLIT_D: tl.constexpr,
-    BLOCK_D_LO: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """dK and dV of the program's keys, summed over the query rows start_m + [0, BLOCK_M): updated.
     SPLIT_D: the head dim's second piece in k_lo, v_lo, grad_k_lo, grad_v_lo (else passed through)."""
     rows = start_m + tl.arange(0, BLOCK_M)
     q_t = _load_rows(
-        q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D, ROW_ALIGN, MASKED, True
+        q_ptr, rows, q_strides, seqlen_q, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROW_ALIGN=ROW_ALIGN,
+        CHECK_LENGTH=MASKED, TRANSPOSED=True,
     )  # (BLOCK_D, BLOCK_M)
     grad_out = _load_rows(
-        grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, MASKED, False
+        grad_out_ptr, rows, grad_out_strides, seqlen_q, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_DV, ROW_ALIGN=ROW_ALIGN,
+        CHECK_LENGTH=MASKED, TRANSPOSED=False,
     )  # (BLOCK_M, BLOCK_DV)
     q_lo_t, grad_out_lo = q_t, grad_out
     if SPLIT_D:
         q_lo_t = _load_rows(
-            q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, MASKED, True, BLOCK_D
+            q_ptr, rows, q_strides, seqlen_q, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D_LO, ROW_ALIGN=ROW_ALIGN,
+            CHECK_LENGTH=MASKED, TRANSPOSED=True, D_START=BLOCK_D,
         )  # (BLOCK_D_LO, BLOCK_M)
         grad_out_lo = _load_rows(
-            grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN, MASKED, False,
-            BLOCK_DV,
+            grad_out_ptr, rows, grad_out_strides, seqlen_q, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_D_LO,
+            ROW_ALIGN=ROW_ALIGN, CHECK_LENGTH=MASKED, TRANSPOSED=False, D_START=BLOCK_DV,
         )  # (BLOCK_M, BLOCK_D_LO)
     if MASKED:
         row_max = tl.load(stats_ptr + rows, mask=rows < seqlen_q, other=0.0)
@@ -101,8 +109,8 @@ def _backward_kv_block(
         qk_t = dot(k_lo, q_lo_t, qk_t, EXACT_FP32_DOTS, UPCAST_DOTS)
     if MASKED:
         logits_t = _logits_base2(
-            qk_t, rows[None, :], cols[:, None], mask_ptr, stride_maskm, stride_maskn,
-            seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
+            qk_t, rows[None, :], cols[:, None], mask_ptr, mask_strides, seqlen_q, seqlen_k, scale_log2e,
+            MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL,
         )  # (BLOCK_N, BLOCK_M)
         probs_t = tl.exp2(logits_t - row_max[None, :] - log2_row_sum[None, :])
     else:
@@ -150,20 +158,28 @@ def _attention_backward_kv_kernel(
     SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK and dV of one block of BLOCK_N keys, summed over every query row; tiles are (keys, queries).
-    The delta and statistics share one layout (``stride_stats_b``, ``stride_stats_h``)."""
+    The delta and statistics share one layout (``stride_stats_b``, ``stride_stats_h``). The strides
+    are grouped per tensor inside, not in the signature: see ``_attention_forward_kernel``."""
+    q_strides = (stride_qb, stride_qh, stride_qm, stride_qd)
+    k_strides = (stride_kb, stride_kh, stride_kn, stride_kd)
+    v_strides = (stride_vb, stride_vh, stride_vn, stride_vd)
+    mask_strides = (stride_maskb, stride_maskh, stride_maskm, stride_maskn)
+    grad_out_strides = (stride_gb, stride_gh, stride_gm, stride_gd)
+    grad_k_strides = (stride_dkb, stride_dkh, stride_dkn, stride_dkd)
+    grad_v_strides = (stride_dvb, stride_dvh, stride_dvn, stride_dvd)
     n_col_blocks = tl.cdiv(seqlen_k, BLOCK_N)
     pid = tl.program_id(0)
     col_block = pid % n_col_blocks
     batch_head = pid // n_col_blocks
     batch = (batch_head // n_heads).to(tl.int64)
     head = (batch_head % n_heads).to(tl.int64)
-    q_ptr += _slice_offset(batch, head, stride_qb, stride_qh, ROW_ALIGN)
-    k_ptr += _slice_offset(batch, head, stride_kb, stride_kh, ROW_ALIGN)
-    v_ptr += _slice_offset(batch, head, stride_vb, stride_vh, ROW_ALIGN)
+    q_ptr += _slice_offset(batch, head, q_strides, ROW_ALIGN)
+    k_ptr += _slice_offset(batch, head, k_strides, ROW_ALIGN)
+    v_ptr += _slice_offset(batch, head, v_strides, ROW_ALIGN)
     mask_ptr += batch * stride_maskb + head * stride_maskh
-    grad_out_ptr += _slice_offset(batch, head, stride_gb, stride_gh, ROW_ALIGN)
-    grad_k_ptr += _slice_offset(batch, head, stride_dkb, stride_dkh, ROW_ALIGN)
-    grad_v_ptr += _slice_offset(batch, head, stride_dvb, stride_dvh, ROW_ALIGN)
+    grad_out_ptr += _slice_offset(batch, head, grad_out_strides, ROW_ALIGN)
+    grad_k_ptr += _slice_offset(batch, head, grad_k_strides, ROW_ALIGN)
+    grad_v_ptr += _slice_offset(batch, head, grad_v_strides, ROW_ALIGN)
     stats_ptr += batch * stride_stats_b + head * stride_stats_h
     delta_ptr += batch * stride_stats_b + head * stride_stats_h
     if VARLEN:
@@ -181,8 +197,14 @@ def _attention_backward_kv_kernel(
         grad_v_ptr += _offsets(start_k, stride_dvn, ROW_ALIGN)
 
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D, ROW_ALIGN, True, False)
-    v = _load_rows(v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, True, False)
+    k = _load_rows(
+        k_ptr, cols, k_strides, seqlen_k, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROW_ALIGN=ROW_ALIGN,
+        CHECK_LENGTH=True, TRANSPOSED=False,
+    )
+    v = _load_rows(
+        v_ptr, cols, v_strides, seqlen_k, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_DV, ROW_ALIGN=ROW_ALIGN,
+        CHECK_LENGTH=True, TRANSPOSED=False,
+    )
     head_seed = 0
     keep_scale = 1.0
     if HAS_DROPOUT:
@@ -193,29 +215,38 @@ def _attention_backward_kv_kernel(
     grad_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     k_lo, v_lo, grad_k_lo, grad_v_lo = k, v, grad_k, grad_v  # passed through unless SPLIT_D
     if SPLIT_D:
-        k_lo = _load_rows(k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, True, False, BLOCK_D)
+        k_lo = _load_rows(
+            k_ptr, cols, k_strides, seqlen_k, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D_LO, ROW_ALIGN=ROW_ALIGN,
+            CHECK_LENGTH=True, TRANSPOSED=False, D_START=BLOCK_D,
+        )
         v_lo = _load_rows(
-            v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN, True, False, BLOCK_DV
+            v_ptr, cols, v_strides, seqlen_k, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_D_LO, ROW_ALIGN=ROW_ALIGN,
+            CHECK_LENGTH=True, TRANSPOSED=False, D_START=BLOCK_DV,
         )
         grad_k_lo = tl.zeros([BLOCK_N, BLOCK_D_LO], tl.float32)
         grad_v_lo = tl.zeros([BLOCK_N, BLOCK_D_LO], tl.float32)
-    if MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS:  # the lean body (see above)
+    # The lean body (see above); the calls differ in where they start and in MASKED only.
+    if MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS:
         lean_end = seqlen_q // BLOCK_M * BLOCK_M  # the whole row blocks
         for start_m in range(0, lean_end, BLOCK_M):
             grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
-                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
-                head_seed, keep_scale, stride_qm, stride_qd, stride_gm, stride_gd, stride_maskm, stride_maskn,
-                stride_stats, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, False, SPLIT_D, BLOCK_D_LO,
+                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m,
+                q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, q_strides, grad_out_strides, mask_strides,
+                stride_stats, head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
+                UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False,
             )
         if lean_end < seqlen_q:  # the last, partial row block
             grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
-                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, lean_end, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
-                head_seed, keep_scale, stride_qm, stride_qd, stride_gm, stride_gd, stride_maskm, stride_maskn,
-                stride_stats, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
+                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, lean_end,
+                q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, q_strides, grad_out_strides, mask_strides,
+                stride_stats, head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
+                UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
             )
     else:
         row_start = 0
@@ -223,60 +254,72 @@ def _attention_backward_kv_kernel(
             row_start = (col_block * BLOCK_N // BLOCK_M) * BLOCK_M  # rows above the block's first key see none of it
         for start_m in range(row_start, seqlen_q, BLOCK_M):
             grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
-                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m, q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
-                head_seed, keep_scale, stride_qm, stride_qd, stride_gm, stride_gd, stride_maskm, stride_maskn,
-                stride_stats, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
+                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m,
+                q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, q_strides, grad_out_strides, mask_strides,
+                stride_stats, head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
+                UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
             )
 
-    _store_rows(grad_k_ptr, cols, stride_dkn, seqlen_k, stride_dkd, grad_k * scale, HEAD_DIM, BLOCK_D, ROW_ALIGN, UPCAST_DOTS)
-    _store_rows(grad_v_ptr, cols, stride_dvn, seqlen_k, stride_dvd, grad_v, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, UPCAST_DOTS)
+    _store_rows(
+        grad_k_ptr, cols, grad_k_strides, seqlen_k, grad_k * scale, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
+        ROW_ALIGN=ROW_ALIGN, UPCAST_DOTS=UPCAST_DOTS,
+    )
+    _store_rows(
+        grad_v_ptr, cols, grad_v_strides, seqlen_k, grad_v, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_DV,
+        ROW_ALIGN=ROW_ALIGN, UPCAST_DOTS=UPCAST_DOTS,
+    )
     if SPLIT_D:
         _store_rows(
-            grad_k_ptr, cols, stride_dkn, seqlen_k, stride_dkd, grad_k_lo * scale, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN,
-            UPCAST_DOTS, BLOCK_D,
+            grad_k_ptr, cols, grad_k_strides, seqlen_k, grad_k_lo * scale, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D_LO,
+            ROW_ALIGN=ROW_ALIGN, UPCAST_DOTS=UPCAST_DOTS, D_START=BLOCK_D,
         )
         _store_rows(
-            grad_v_ptr, cols, stride_dvn, seqlen_k, stride_dvd, grad_v_lo, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN,
-            UPCAST_DOTS, BLOCK_DV,
+            grad_v_ptr, cols, grad_v_strides, seqlen_k, grad_v_lo, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_D_LO,
+            ROW_ALIGN=ROW_ALIGN, UPCAST_DOTS=UPCAST_DOTS, D_START=BLOCK_DV,
         )
 
 
 @triton.jit
 def _backward_q_block(
-    grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n, k_ptr, v_ptr, mask_ptr, grad_bias_ptr,
-    head_seed, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
-    seqlen_q, seqlen_k, scale_log2e, dropout_p,
+    grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n,
+    k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
+    head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_NEEDS_GRAD: tl.constexpr,
     EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SPLIT_D: tl.constexpr,
-    BLOCK_D_LO: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """dQ of the program's query rows over the keys start_n + [0, BLOCK_N), and their bias gradient.
     SPLIT_D: the head dim's second piece in q_lo, grad_out_lo, grad_q_lo (else passed through)."""
     cols = start_n + tl.arange(0, BLOCK_N)
     k_t = _load_rows(
-        k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D, ROW_ALIGN, MASKED, True
+        k_ptr, cols, k_strides, seqlen_k, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROW_ALIGN=ROW_ALIGN,
+        CHECK_LENGTH=MASKED, TRANSPOSED=True,
     )  # (BLOCK_D, BLOCK_N)
     v_t = _load_rows(
-        v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, MASKED, True
+        v_ptr, cols, v_strides, seqlen_k, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_DV, ROW_ALIGN=ROW_ALIGN,
+        CHECK_LENGTH=MASKED, TRANSPOSED=True,
     )  # (BLOCK_DV, BLOCK_N)
     qk = dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
     k_lo_t = k_t
     if SPLIT_D:
         k_lo_t = _load_rows(
-            k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, MASKED, True, BLOCK_D
+            k_ptr, cols, k_strides, seqlen_k, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D_LO, ROW_ALIGN=ROW_ALIGN,
+            CHECK_LENGTH=MASKED, TRANSPOSED=True, D_START=BLOCK_D,
         )  # (BLOCK_D_LO, BLOCK_N)
         v_lo_t = _load_rows(
-            v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN, MASKED, True, BLOCK_DV
+            v_ptr, cols, v_strides, seqlen_k, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_D_LO, ROW_ALIGN=ROW_ALIGN,
+            CHECK_LENGTH=MASKED, TRANSPOSED=True, D_START=BLOCK_DV,
         )  # (BLOCK_D_LO, BLOCK_N)
         qk = dot(q_lo, k_lo_t, qk, EXACT_FP32_DOTS, UPCAST_DOTS)
     if MASKED:
         logits = _logits_base2(
-            qk, rows[:, None], cols[None, :], mask_ptr, stride_maskm, stride_maskn,
-            seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
+            qk, rows[:, None], cols[None, :], mask_ptr, mask_strides, seqlen_q, seqlen_k, scale_log2e,
+            MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL,
         )  # (BLOCK_M, BLOCK_N)
         probs = tl.exp2(logits - row_max[:, None] - log2_row_sum[:, None])
     else:
@@ -321,19 +364,26 @@ def _attention_backward_q_kernel(
     EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr, VARLEN: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ of one block of BLOCK_M query rows, and the bias gradient d(logits) of those rows."""
+    """dQ of one block of BLOCK_M query rows, and the bias gradient d(logits) of those rows. The
+    strides are grouped per tensor inside, not in the signature: see ``_attention_forward_kernel``."""
+    q_strides = (stride_qb, stride_qh, stride_qm, stride_qd)
+    k_strides = (stride_kb, stride_kh, stride_kn, stride_kd)
+    v_strides = (stride_vb, stride_vh, stride_vn, stride_vd)
+    mask_strides = (stride_maskb, stride_maskh, stride_maskm, stride_maskn)
+    grad_out_strides = (stride_gb, stride_gh, stride_gm, stride_gd)
+    grad_q_strides = (stride_dqb, stride_dqh, stride_dqm, stride_dqd)
     n_row_blocks = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
     row_block = n_row_blocks - 1 - pid % n_row_blocks  # heaviest causal blocks first, as in the forward
     batch_head = pid // n_row_blocks
     batch = (batch_head // n_heads).to(tl.int64)
     head = (batch_head % n_heads).to(tl.int64)
-    q_ptr += _slice_offset(batch, head, stride_qb, stride_qh, ROW_ALIGN)
-    k_ptr += _slice_offset(batch, head, stride_kb, stride_kh, ROW_ALIGN)
-    v_ptr += _slice_offset(batch, head, stride_vb, stride_vh, ROW_ALIGN)
+    q_ptr += _slice_offset(batch, head, q_strides, ROW_ALIGN)
+    k_ptr += _slice_offset(batch, head, k_strides, ROW_ALIGN)
+    v_ptr += _slice_offset(batch, head, v_strides, ROW_ALIGN)
     mask_ptr += batch * stride_maskb + head * stride_maskh
-    grad_out_ptr += _slice_offset(batch, head, stride_gb, stride_gh, ROW_ALIGN)
-    grad_q_ptr += _slice_offset(batch, head, stride_dqb, stride_dqh, ROW_ALIGN)
+    grad_out_ptr += _slice_offset(batch, head, grad_out_strides, ROW_ALIGN)
+    grad_q_ptr += _slice_offset(batch, head, grad_q_strides, ROW_ALIGN)
     grad_bias_ptr += batch_head.to(tl.int64) * seqlen_q * seqlen_k  # a contiguous (B, H, Nq, Nk) tensor
     stats_ptr += batch * stride_stats_b + head * stride_stats_h
     delta_ptr += batch * stride_stats_b + head * stride_stats_h
@@ -351,9 +401,13 @@ def _attention_backward_q_kernel(
         v_ptr += _offsets(start_k, stride_vn, ROW_ALIGN)
 
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = _load_rows(q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D, ROW_ALIGN, True, False)
+    q = _load_rows(
+        q_ptr, rows, q_strides, seqlen_q, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROW_ALIGN=ROW_ALIGN,
+        CHECK_LENGTH=True, TRANSPOSED=False,
+    )
     grad_out = _load_rows(
-        grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, True, False
+        grad_out_ptr, rows, grad_out_strides, seqlen_q, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_DV, ROW_ALIGN=ROW_ALIGN,
+        CHECK_LENGTH=True, TRANSPOSED=False,
     )  # (BLOCK_M, BLOCK_DV)
     row_max = tl.load(stats_ptr + rows, mask=rows < seqlen_q, other=0.0)
     log2_row_sum = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
@@ -367,28 +421,37 @@ def _attention_backward_q_kernel(
     grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     q_lo, grad_out_lo, grad_q_lo = q, grad_out, grad_q  # passed through unless SPLIT_D
     if SPLIT_D:
-        q_lo = _load_rows(q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, True, False, BLOCK_D)
+        q_lo = _load_rows(
+            q_ptr, rows, q_strides, seqlen_q, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D_LO, ROW_ALIGN=ROW_ALIGN,
+            CHECK_LENGTH=True, TRANSPOSED=False, D_START=BLOCK_D,
+        )
         grad_out_lo = _load_rows(
-            grad_out_ptr, rows, stride_gm, seqlen_q, stride_gd, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN, True, False, BLOCK_DV
+            grad_out_ptr, rows, grad_out_strides, seqlen_q, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_D_LO,
+            ROW_ALIGN=ROW_ALIGN, CHECK_LENGTH=True, TRANSPOSED=False, D_START=BLOCK_DV,
         )
         grad_q_lo = tl.zeros([BLOCK_M, BLOCK_D_LO], tl.float32)
-    if MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS:  # the lean body (see above)
+    # The lean body (see above); the calls differ in where they start and in MASKED only.
+    if MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS:
         lean_end = seqlen_k // BLOCK_N * BLOCK_N  # the whole blocks
         for start_n in range(0, lean_end, BLOCK_N):
             grad_q, grad_q_lo = _backward_q_block(
-                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n, k_ptr, v_ptr, mask_ptr,
-                grad_bias_ptr, head_seed, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-                stride_maskm, stride_maskn, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, BIAS_NEEDS_GRAD,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, False, SPLIT_D, BLOCK_D_LO,
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n,
+                k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
+                head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
+                EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
+                BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False,
             )
         if lean_end < seqlen_k:  # the last, partial block
             grad_q, grad_q_lo = _backward_q_block(
-                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, lean_end, k_ptr, v_ptr, mask_ptr,
-                grad_bias_ptr, head_seed, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-                stride_maskm, stride_maskn, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, BIAS_NEEDS_GRAD,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, lean_end,
+                k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
+                head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
+                EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
+                BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
             )
     else:
         key_end = seqlen_k
@@ -396,18 +459,23 @@ def _attention_backward_q_kernel(
             key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)
         for start_n in range(0, key_end, BLOCK_N):
             grad_q, grad_q_lo = _backward_q_block(
-                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n, k_ptr, v_ptr, mask_ptr,
-                grad_bias_ptr, head_seed, keep_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-                stride_maskm, stride_maskn, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, BIAS_NEEDS_GRAD,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n,
+                k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
+                head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
+                EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
+                BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
             )
 
-    _store_rows(grad_q_ptr, rows, stride_dqm, seqlen_q, stride_dqd, grad_q * scale, HEAD_DIM, BLOCK_D, ROW_ALIGN, UPCAST_DOTS)
+    _store_rows(
+        grad_q_ptr, rows, grad_q_strides, seqlen_q, grad_q * scale, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
+        ROW_ALIGN=ROW_ALIGN, UPCAST_DOTS=UPCAST_DOTS,
+    )
     if SPLIT_D:
         _store_rows(
-            grad_q_ptr, rows, stride_dqm, seqlen_q, stride_dqd, grad_q_lo * scale, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN,
-            UPCAST_DOTS, BLOCK_D,
+            grad_q_ptr, rows, grad_q_strides, seqlen_q, grad_q_lo * scale, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D_LO,
+            ROW_ALIGN=ROW_ALIGN, UPCAST_DOTS=UPCAST_DOTS, D_START=BLOCK_D,
         )
 
 

@@ -33,14 +33,13 @@ from kernels.triton.utils import autotune_configs, dot, rounded_to
 
 @triton.jit
 def _forward_block(
-    acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr, head_seed,
-    stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
-    seqlen_q, seqlen_k, scale_log2e, dropout_p,
+    acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr, k_strides, v_strides, mask_strides,
+    head_seed, seqlen_q, seqlen_k, scale_log2e, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SPLIT_D: tl.constexpr,
-    BLOCK_D_LO: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """The online softmax over the keys start_n + [0, BLOCK_N): (acc, acc_lo, row_sum, row_max) updated.
 
@@ -49,18 +48,20 @@ def _forward_block(
     """
     cols = start_n + tl.arange(0, BLOCK_N)
     k_t = _load_rows(
-        k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D, ROW_ALIGN, MASKED, True
+        k_ptr, cols, k_strides, seqlen_k, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROW_ALIGN=ROW_ALIGN,
+        CHECK_LENGTH=MASKED, TRANSPOSED=True,
     )  # (BLOCK_D, BLOCK_N)
     qk = dot(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
     if SPLIT_D:
         k_lo_t = _load_rows(
-            k_ptr, cols, stride_kn, seqlen_k, stride_kd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, MASKED, True, BLOCK_D
+            k_ptr, cols, k_strides, seqlen_k, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D_LO, ROW_ALIGN=ROW_ALIGN,
+            CHECK_LENGTH=MASKED, TRANSPOSED=True, D_START=BLOCK_D,
         )  # (BLOCK_D_LO, BLOCK_N)
         qk = dot(q_lo, k_lo_t, qk, EXACT_FP32_DOTS, UPCAST_DOTS)
     if MASKED:
         logits = _logits_base2(
-            qk, rows[:, None], cols[None, :], mask_ptr, stride_maskm, stride_maskn,
-            seqlen_q, seqlen_k, scale_log2e, MASK_KIND, IS_CAUSAL,
+            qk, rows[:, None], cols[None, :], mask_ptr, mask_strides, seqlen_q, seqlen_k, scale_log2e,
+            MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL,
         )  # (BLOCK_M, BLOCK_N)
         block_max = tl.max(logits, 1)
     else:  # the scale is >= 0 here: the largest logit is the largest product, scaled
@@ -77,13 +78,15 @@ def _forward_block(
     if HAS_DROPOUT:
         probs = tl.where(_dropout_keep(head_seed, rows[:, None], cols[None, :], seqlen_k, dropout_p), probs, 0.0)
     v = _load_rows(
-        v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_DV, ROW_ALIGN, MASKED, False
+        v_ptr, cols, v_strides, seqlen_k, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_DV, ROW_ALIGN=ROW_ALIGN,
+        CHECK_LENGTH=MASKED, TRANSPOSED=False,
     )  # (BLOCK_N, BLOCK_DV)
     probs = rounded_to(probs, v_ptr, UPCAST_DOTS)
     acc = dot(probs, v, acc * rescale[:, None], EXACT_FP32_DOTS, UPCAST_DOTS)
     if SPLIT_D:
         v_lo = _load_rows(
-            v_ptr, cols, stride_vn, seqlen_k, stride_vd, HEAD_DIM_V, BLOCK_D_LO, ROW_ALIGN, MASKED, False, BLOCK_DV
+            v_ptr, cols, v_strides, seqlen_k, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_D_LO, ROW_ALIGN=ROW_ALIGN,
+            CHECK_LENGTH=MASKED, TRANSPOSED=False, D_START=BLOCK_DV,
         )  # (BLOCK_N, BLOCK_D_LO)
         acc_lo = dot(probs, v_lo, acc_lo * rescale[:, None], EXACT_FP32_DOTS, UPCAST_DOTS)
     return acc, acc_lo, row_sum, new_max
@@ -111,7 +114,15 @@ def _attention_forward_kernel(
     """The output and softmax statistics of one block of BLOCK_M query rows of one (batch, head).
 
     VARLEN: a "batch" is a packed sequence, seqlen_q and seqlen_k the longest (they size the grid).
-    SPLIT_D: BLOCK_D and BLOCK_DV are the head dim's first piece, BLOCK_D_LO its second."""
+    SPLIT_D: BLOCK_D and BLOCK_DV are the head dim's first piece, BLOCK_D_LO its second.
+    The strides stay separate arguments, grouped per tensor as (batch, head, row, head dim) inside:
+    Inductor cannot pass a tuple to a user-defined Triton kernel (torch 2.14), so a tuple parameter
+    would break ``torch.compile`` of the custom ops."""
+    q_strides = (stride_qb, stride_qh, stride_qm, stride_qd)
+    k_strides = (stride_kb, stride_kh, stride_kn, stride_kd)
+    v_strides = (stride_vb, stride_vh, stride_vn, stride_vd)
+    mask_strides = (stride_maskb, stride_maskh, stride_maskm, stride_maskn)
+    out_strides = (stride_ob, stride_oh, stride_om, stride_od)
     n_row_blocks = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
     # Last row blocks first: under a causal mask they have the most keys, so they start earliest.
@@ -119,11 +130,11 @@ def _attention_forward_kernel(
     batch_head = pid // n_row_blocks
     batch = (batch_head // n_heads).to(tl.int64)
     head = (batch_head % n_heads).to(tl.int64)
-    q_ptr += _slice_offset(batch, head, stride_qb, stride_qh, ROW_ALIGN)
-    k_ptr += _slice_offset(batch, head, stride_kb, stride_kh, ROW_ALIGN)
-    v_ptr += _slice_offset(batch, head, stride_vb, stride_vh, ROW_ALIGN)
+    q_ptr += _slice_offset(batch, head, q_strides, ROW_ALIGN)
+    k_ptr += _slice_offset(batch, head, k_strides, ROW_ALIGN)
+    v_ptr += _slice_offset(batch, head, v_strides, ROW_ALIGN)
     mask_ptr += batch * stride_maskb + head * stride_maskh
-    out_ptr += _slice_offset(batch, head, stride_ob, stride_oh, ROW_ALIGN)
+    out_ptr += _slice_offset(batch, head, out_strides, ROW_ALIGN)
     stats_ptr += batch * stride_stats_b + head * stride_stats_h
     if VARLEN:
         start_q, seqlen_q = _sequence(cu_seqlens_q_ptr, batch)
@@ -137,7 +148,10 @@ def _attention_forward_kernel(
         v_ptr += _offsets(start_k, stride_vn, ROW_ALIGN)
 
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = _load_rows(q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D, ROW_ALIGN, True, False)
+    q = _load_rows(
+        q_ptr, rows, q_strides, seqlen_q, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROW_ALIGN=ROW_ALIGN,
+        CHECK_LENGTH=True, TRANSPOSED=False,
+    )
     head_seed = 0
     if HAS_DROPOUT:
         head_seed = _head_seed(seed_ptr, batch_head)
@@ -147,27 +161,33 @@ def _attention_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     q_lo, acc_lo = q, acc  # passed through unless SPLIT_D
     if SPLIT_D:
-        q_lo = _load_rows(q_ptr, rows, stride_qm, seqlen_q, stride_qd, HEAD_DIM, BLOCK_D_LO, ROW_ALIGN, True, False, BLOCK_D)
+        q_lo = _load_rows(
+            q_ptr, rows, q_strides, seqlen_q, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D_LO, ROW_ALIGN=ROW_ALIGN,
+            CHECK_LENGTH=True, TRANSPOSED=False, D_START=BLOCK_D,
+        )
         acc_lo = tl.zeros([BLOCK_M, BLOCK_D_LO], tl.float32)
     # The lean body (see above); a negative scale (rare) takes the masked one: its largest logit is
-    # the smallest product, where the lean body scales the largest.
+    # the smallest product, where the lean body scales the largest. The calls differ in where they
+    # start and in MASKED only.
     if MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS and not NEGATIVE_SCALE:
         lean_end = seqlen_k // BLOCK_N * BLOCK_N  # the whole blocks
         for start_n in range(0, lean_end, BLOCK_N):
             acc, acc_lo, row_sum, row_max = _forward_block(
-                acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr, head_seed,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
-                seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, False, SPLIT_D, BLOCK_D_LO,
+                acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr,
+                k_strides, v_strides, mask_strides, head_seed, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
+                UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False,
             )
         if lean_end < seqlen_k:  # the last, partial block
             acc, acc_lo, row_sum, row_max = _forward_block(
-                acc, acc_lo, row_sum, row_max, q, q_lo, rows, lean_end, k_ptr, v_ptr, mask_ptr, head_seed,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
-                seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
+                acc, acc_lo, row_sum, row_max, q, q_lo, rows, lean_end, k_ptr, v_ptr, mask_ptr,
+                k_strides, v_strides, mask_strides, head_seed, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
+                UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
             )
     else:
         key_end = seqlen_k
@@ -175,15 +195,14 @@ def _attention_forward_kernel(
             key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)  # keys past the last row: all masked
         for start_n in range(0, key_end, BLOCK_N):
             acc, acc_lo, row_sum, row_max = _forward_block(
-                acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr, head_seed,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_maskm, stride_maskn,
-                seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT,
-                EXACT_FP32_DOTS, UPCAST_DOTS, ROW_ALIGN, BLOCK_M, BLOCK_N, True, SPLIT_D, BLOCK_D_LO,
+                acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr,
+                k_strides, v_strides, mask_strides, head_seed, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
+                UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
             )
 
-    # A row with every key masked has row_sum 0: divide by 1, output 0, and save a maximum of 0 and
-    # a sum of 1 so the backward's exp2(-inf - 0) gives it zero probabilities, hence zero gradients.
     row_sum = tl.where(row_sum == 0.0, 1.0, row_sum)
     if HAS_DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))

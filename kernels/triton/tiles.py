@@ -31,14 +31,16 @@ BIAS_FLOOR: tl.constexpr = tl.constexpr(-2.3e38)  # finite biases below it are r
 
 @triton.jit
 def _logits_base2(
-    qk, rows, cols, mask_ptr, stride_mask_m, stride_mask_n, seqlen_q, seqlen_k, scale_log2e,
+    qk, rows, cols, mask_ptr, mask_strides, seqlen_q, seqlen_k, scale_log2e,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
 ):
     """The logits of one tile in base-2 units, -inf where a key may not be attended.
 
     ``rows`` (query indices) and ``cols`` (key indices) broadcast to the tile's shape, so the same
     code serves the (queries, keys) tiles of the forward and dQ and the (keys, queries) tiles of dK/dV.
+    ``mask_strides``: the mask's (batch, head, query, key) strides, its pointer at the program's slice.
     """
+    stride_mask_m, stride_mask_n = mask_strides[2], mask_strides[3]
     logits = qk * scale_log2e
     allowed = (rows < seqlen_q) & (cols < seqlen_k)
     if IS_CAUSAL:
@@ -88,9 +90,10 @@ def _offsets(index, stride, ROW_ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _slice_offset(batch, head, stride_b, stride_h, ROW_ALIGN: tl.constexpr):
-    """The int64 offset of one (batch, head) slice of a tensor, a multiple of ROW_ALIGN elements."""
-    return _offsets(batch, stride_b, ROW_ALIGN) + _offsets(head, stride_h, ROW_ALIGN)
+def _slice_offset(batch, head, strides, ROW_ALIGN: tl.constexpr):
+    """The int64 offset of one (batch, head) slice of a tensor with (batch, head, row, head dim)
+    ``strides``, a multiple of ROW_ALIGN elements."""
+    return _offsets(batch, strides[0], ROW_ALIGN) + _offsets(head, strides[1], ROW_ALIGN)
 
 
 @triton.jit
@@ -102,13 +105,14 @@ def _sequence(cu_seqlens_ptr, index):
 
 @triton.jit
 def _load_rows(
-    ptr, index, stride, length, stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    ptr, index, strides, length, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
     CHECK_LENGTH: tl.constexpr, TRANSPOSED: tl.constexpr, D_START: tl.constexpr = 0,
 ):
     """Rows ``index`` of a (length, HEAD_DIM) slice, head-dim columns D_START + [0, BLOCK_D): a
     (len(index), BLOCK_D) tile, or its transpose (BLOCK_D, len(index)) when TRANSPOSED, zero past
     HEAD_DIM and, when CHECK_LENGTH, past ``length``. Without CHECK_LENGTH every index must be
-    below ``length``: nothing is checked."""
+    below ``length``: nothing is checked. ``strides``: the tensor's (batch, head, row, head dim)."""
+    stride, stride_d = strides[2], strides[3]
     offs_d = D_START + tl.arange(0, BLOCK_D)
     if TRANSPOSED:
         ptrs = ptr + _offsets(index, stride, ROW_ALIGN)[None, :] + offs_d[:, None] * stride_d
@@ -127,11 +131,13 @@ def _load_rows(
 
 @triton.jit
 def _store_rows(
-    ptr, index, stride, length, stride_d, tile, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    ptr, index, strides, length, tile, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     ROW_ALIGN: tl.constexpr, UPCAST_DOTS: tl.constexpr, D_START: tl.constexpr = 0,
 ):
     """Store a (len(index), BLOCK_D) fp32 ``tile`` into rows ``index`` (below ``length``), head-dim
-    columns D_START + [0, BLOCK_D) (below HEAD_DIM), of a (length, HEAD_DIM) slice, in its dtype."""
+    columns D_START + [0, BLOCK_D) (below HEAD_DIM), of a (length, HEAD_DIM) slice, in its dtype.
+    ``strides``: the tensor's (batch, head, row, head dim)."""
+    stride, stride_d = strides[2], strides[3]
     offs_d = D_START + tl.arange(0, BLOCK_D)
     tl.store(
         ptr + _offsets(index, stride, ROW_ALIGN)[:, None] + offs_d[None, :] * stride_d,

@@ -1,21 +1,25 @@
-"""The kernels' Hopper machine code, compiled ahead of time on any machine with Triton (no GPU).
+"""The kernels' machine code for Hopper (sm_90) or Blackwell (sm_100), compiled ahead of time on any
+machine with Triton (no GPU).
 
-    python -m bench.sass --arch 90 --shape vit_b16 --dtype bf16 --out DIR
+    python -m bench.sass --arch 90 --shape vit_b16 --dtype bf16 --out DIR      (--arch 100: B200)
 
 For the launches a real call makes at a named ViT shape (attention forward and backward on q, k, v
 views of a fused qkv projection, the patch projection forward and backward), compile every kernel
 once per autotune config the autotuner would try there (after its pruning) with Triton's compiler
-and bundled ptxas, disassemble it with the bundled cuobjdump, and write ``DIR/report.json`` (one
-entry per compilation) and each SASS file; print a table per shape. No kernel runs: the custom
-ops' bodies run on "meta" tensors with ``torch.library.wrap_triton`` replaced by a recorder, so
-arguments, constexprs and launch specialisation (ints equal to 1 become constants, ints that are
-multiples of 16 and 16-byte aligned pointers get ``tt.divisibility``) are those of the real call.
+and bundled ptxas (ptxas-blackwell for sm_100), disassemble it with the bundled cuobjdump, and write
+``DIR/report.json`` (one entry per compilation) and each SASS file; print a table per shape. No
+kernel runs: the custom ops' bodies run on "meta" tensors with ``torch.library.wrap_triton``
+replaced by a recorder, so arguments, constexprs and launch specialisation (ints equal to 1 become
+constants, ints that are multiples of 16 and 16-byte aligned pointers get ``tt.divisibility``) are
+those of the real call.
 
-What the table reads from the SASS: tensor-core instructions (HGMMA is Hopper's wgmma, HMMA the
-older mma.sync at about half the rate), global loads by width (LDG and cp.async LDGSTS; 128-bit is
-vectorised, 16-bit is one bf16/fp16 element at a time), and the main loop (``main_loop``): its
-instructions per warp per iteration and per score, ``loop instructions * 32 * num_warps / tile``.
-Tests: ``tests/machine/test_sass.py``; ``tests/machine/test_gpu_compile.py`` reuses the recording and compiling.
+What the table reads from the SASS: tensor-core instructions (``MMA_FAMILIES``: Hopper's wgmma
+HGMMA and FP8 QGMMA, the older mma.sync HMMA at about half the rate, Blackwell's tcgen05 UTC*MMA),
+global loads by width (LDG and cp.async LDGSTS; 128-bit is vectorised, 16-bit is one bf16/fp16
+element at a time), and the main loop (``loops``, ``main_loop``): its instructions per warp per
+iteration and per score, ``loop instructions * 32 * num_warps / tile``.
+Tests: ``tests/machine/test_sass.py``, ``test_sass_reading.py``; ``tests/machine/test_gpu_compile.py``
+reuses the recording and compiling.
 """
 
 from __future__ import annotations
@@ -38,8 +42,26 @@ import torch
 
 ARCH = 90
 H100_SMS = 132  # what the patch projection's weight-gradient split is sized for
-# Per SM on sm_90: 64K registers, 228 KB shared memory (1 KB of it reserved per block), 2048 threads, 32 blocks.
-REGISTERS_PER_SM, SHARED_PER_SM, RESERVED_SHARED_PER_BLOCK, THREADS_PER_SM, BLOCKS_PER_SM = 65536, 233472, 1024, 2048, 32
+
+
+@dataclasses.dataclass(frozen=True)
+class SmLimits:
+    """What one SM holds, for the resident-blocks model (``blocks_per_sm``)."""
+
+    registers: int
+    shared: int  # bytes, of which ``reserved_shared_per_block`` go to each resident block
+    reserved_shared_per_block: int
+    threads: int
+    blocks: int
+
+
+# The compute capabilities ``--arch`` takes (compiled as sm_90a, sm_100a; Triton runs its bundled
+# ptxas-blackwell for 100 and above) and the CUDA programming guide's per-SM limits there: the same
+# 64K registers, 228 KB of shared memory (1 KB reserved per block), 2048 threads and 32 blocks on both.
+SM_LIMITS = {
+    90: SmLimits(registers=65536, shared=233472, reserved_shared_per_block=1024, threads=2048, blocks=32),
+    100: SmLimits(registers=65536, shared=233472, reserved_shared_per_block=1024, threads=2048, blocks=32),
+}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXIT_CANNOT_COMPILE = 3  # exit status when this Triton/torch cannot compile ahead of time (1: a kernel failed)
 
@@ -288,8 +310,9 @@ def enable_ptxas_log() -> None:
 
 
 def compile_launch(fn, args, kwargs, num_warps, num_stages, arch=ARCH) -> tuple[dict, bytes]:
-    """Compile one launch: ({shared, registers, spill_bytes}, cubin). Registers and spills come from
-    ptxas -v (``enable_ptxas_log``), so only a fresh compilation (not a cache hit) reports them."""
+    """Compile one launch for sm_``arch`` (sm_90a, sm_100a): ({shared, registers, spill_bytes}, cubin).
+    Registers and spills come from ptxas -v (``enable_ptxas_log``), so only a fresh compilation (not
+    a cache hit) reports them."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -360,7 +383,24 @@ def disassemble(cubin: bytes) -> str:
 # Reading the SASS.
 
 _INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.MULTILINE)
-_BRANCH = re.compile(r"\bBRA(?:\.[A-Z0-9_]+)*\s+(0x[0-9a-f]+)")
+# A direct branch's target is its last operand, after any modifiers (.U uniform, .DIV, .CONV) and any
+# operand before it: ``BRA 0x50``, ``@!UP0 BRA.U 0x50``, ``BRA.U !UP0, 0x50`` (how sm_100 writes loop
+# back-edges), ``BRA.DIV UR4, 0x50``. Indirect branches (BRX, JMX) name a register, not an address.
+_BRANCH = re.compile(r"^(?:@!?U?P[0-7T]\s+)?BRA(?:\.[A-Z0-9_]+)*\s+(?:[^,]*,\s*)?(0x[0-9a-f]+)$")
+_GUARD = re.compile(r"^@(!?)U?P([0-7T])\s")
+
+# Tensor-core instructions by family: report key -> opcodes. sm_90's warpgroup MMA (wgmma) is HGMMA
+# for bf16/fp16/tf32 and QGMMA for FP8; HMMA is the older warp-level mma.sync at about half the rate;
+# sm_100's tcgen05.mma, issued by one thread with its accumulator in tensor memory, is UTCHMMA for
+# bf16/fp16/tf32 (what our kernels compile to) and UTCQMMA for FP8/FP6/FP4; the block-scaled kinds
+# (UTCMXQMMA, UTCOMMA for FP4) and int8 (UTCIMMA) are counted with them, as public opcode tables name them.
+MMA_FAMILIES = {
+    "hgmma": ("HGMMA",),
+    "qgmma": ("QGMMA",),
+    "hmma": ("HMMA",),
+    "tcgen05_mma": ("UTCHMMA", "UTCQMMA", "UTCMXQMMA", "UTCOMMA", "UTCIMMA"),
+}
+_MMA_OPCODES = {opcode for opcodes in MMA_FAMILIES.values() for opcode in opcodes}
 
 
 def instructions(sass: str) -> list[tuple[int, str]]:
@@ -369,38 +409,87 @@ def instructions(sass: str) -> list[tuple[int, str]]:
 
 
 def _opcode(text: str) -> str:
-    """The opcode with its modifiers, predicate removed: ``@!P2 LDG.E.128 R4, ...`` -> ``LDG.E.128``."""
+    """The opcode with its modifiers, guard predicate removed: ``@!P2 LDG.E.128 R4, ...`` -> ``LDG.E.128``,
+    ``@!UP0 BRA.U 0x50`` -> ``BRA.U``."""
     words = text.split()
     return words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
 
 
+def _base(text: str) -> str:
+    """The opcode without modifiers: ``@P0 HGMMA.64x64x16.F32.BF16 ...`` -> ``HGMMA``."""
+    return _opcode(text).split(".")[0]
+
+
+def _guard(text: str) -> bool | None:
+    """Whether the instruction runs: True always (no guard, ``@PT``), False never (``@!PT``), None
+    when a predicate register decides (``@P0``, ``@!UP3``)."""
+    guard = _GUARD.match(text)
+    if guard is None:
+        return True
+    negated, register = guard.groups()
+    return (not negated) if register == "T" else None
+
+
 def _is_mma(text: str) -> bool:
-    return _opcode(text).split(".")[0] in ("HGMMA", "HMMA")
+    return _base(text) in _MMA_OPCODES
+
+
+def _branch_target(text: str) -> int | None:
+    """The address a direct branch can jump to, None for any other instruction or a branch never taken."""
+    branch = _BRANCH.match(text)
+    if branch is None or _guard(text) is False:
+        return None
+    return int(branch.group(1), 16)
+
+
+def _is_exit(text: str) -> bool:
+    """An EXIT that always ends the thread (``@P0 EXIT``, an early exit of some threads, falls through)."""
+    return _base(text) == "EXIT" and _guard(text) is True
+
+
+def loops(code: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """(first, last) address of each loop of ``instructions(sass)``: a backward branch (to an address
+    at or before its own) and the code laid out from its target to it, in the order of the branches.
+
+    What is not a loop, though it branches backward: the kernel's body ends at its last unconditional
+    EXIT, and what ptxas lays out after it is out-of-line code the body jumps to: the mbarrier
+    try-wait retry stubs of TMA, tcgen05 and warp-specialised code (``SYNCS.PHASECHK.TRANS64.TRYWAIT``,
+    ``@!P0 BRA`` to itself, then ``BRA`` back into the body), called subroutines, the closing
+    ``BRA`` to itself. So a loop's back-edge lies in the body, at or before the last EXIT, and its span
+    holds no unconditional EXIT (control cannot pass one, so a span across it is not a loop body):
+    a stub's jump back from after EXIT to where its wait was would otherwise read as a loop spanning
+    most of the kernel. Not required: that the span is entered only at its first instruction. The
+    retry stubs jump back into the middle of the loops whose waits they serve, and a loop laid out
+    with its test at the bottom is entered there.
+    """
+    exits = [address for address, text in code if _is_exit(text)]
+    found = []
+    for address, text in code:
+        target = _branch_target(text)
+        if target is None or target > address or (exits and address > exits[-1]):
+            continue
+        if not any(target <= exit_address <= address for exit_address in exits):
+            found.append((target, address))
+    return found
 
 
 def main_loop(code: list[tuple[int, str]]) -> tuple[int, int] | None:
     """(first, last) address of the main loop of ``instructions(sass)``, or None where no loop has a
-    tensor-core instruction.
+    tensor-core instruction (any of ``MMA_FAMILIES``).
 
-    The heuristic: a loop is a backward branch (``BRA`` to an address at or before its own) and
-    spans the code from its target to the branch. Of the loops that hold an MMA (the dot that makes
-    the scores, and for attention the others), keep the innermost ones (no smaller such loop inside),
-    then the one with the most MMA instructions, the first in the code on a tie. A peeled, masked
-    copy of the body is straight-line code, not a loop, so it is never picked. The count is of the
-    instructions laid out inside the span: ptxas keeps these kernels' loop bodies contiguous; code a
-    loop jumped out to and back from would be missed.
+    Of the ``loops`` that hold an MMA (the dot that makes the scores, and for attention the others),
+    keep the innermost ones (no smaller such loop inside), then the one with the most MMA
+    instructions, the first in the code on a tie. A peeled, masked copy of the body is straight-line
+    code, not a loop, so it is never picked. The count is of the instructions laid out inside the
+    span: ptxas keeps these kernels' loop bodies contiguous; code a loop jumps out to and back from
+    (the retry stubs after EXIT, run only when a wait is not yet satisfied) is not counted.
     """
-    loops = []
-    for address, text in code:
-        target = _BRANCH.search(text)
-        if target and int(target.group(1), 16) <= address:
-            loops.append((int(target.group(1), 16), address))
     mma_addresses = [address for address, text in code if _is_mma(text)]
 
     def mmas(loop):
         return sum(loop[0] <= a <= loop[1] for a in mma_addresses)
 
-    with_mma = [loop for loop in loops if mmas(loop) > 0]
+    with_mma = [loop for loop in loops(code) if mmas(loop) > 0]
     innermost = [
         loop for loop in with_mma
         if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in with_mma)
@@ -424,43 +513,47 @@ def _load_width(opcode: str) -> int:
 
 
 def analyse(sass: str, kernel: str, config: dict, num_warps: int) -> dict:
-    """Tensor-core instructions, global loads by width, and the main loop's length, from SASS."""
+    """Tensor-core instructions by family (``MMA_FAMILIES``), TMA and tensor-memory traffic, global
+    loads by width, and the main loop's length, from SASS of any architecture."""
     code = instructions(sass)
-    opcodes = [_opcode(text) for _, text in code]
+    bases = [_base(text) for _, text in code]
     loads: dict[int, int] = {}
-    for opcode in opcodes:
-        if opcode.split(".")[0] in ("LDG", "LDGSTS"):
-            width = _load_width(opcode)
+    for (_, text), base in zip(code, bases):
+        if base in ("LDG", "LDGSTS"):
+            width = _load_width(_opcode(text))
             loads[width] = loads.get(width, 0) + 1
-    facts = {
-        "hgmma": sum(o.startswith("HGMMA") for o in opcodes),
-        "hmma": sum(o.startswith("HMMA") for o in opcodes),
-        "tma_loads": sum(o.startswith("UTMALDG") for o in opcodes),
-        "global_loads": {str(width): loads[width] for width in sorted(loads, reverse=True)},
-        "local_memory_instructions": sum(o.split(".")[0] in ("LDL", "STL") for o in opcodes),
-        "loop_instructions": None,
-        "instructions_per_score": None,
-    }
+    facts = {family: sum(b in opcodes for b in bases) for family, opcodes in MMA_FAMILIES.items()}
+    facts.update(
+        tma_loads=sum(b == "UTMALDG" for b in bases),  # cp.async.bulk.tensor, global to shared
+        bulk_copies=sum(b == "UBLKCP" for b in bases),  # cp.async.bulk, the untiled kind
+        tmem_loads=sum(b == "LDTM" for b in bases),  # tcgen05.ld: accumulators out of tensor memory
+        tmem_stores=sum(b == "STTM" for b in bases),  # tcgen05.st
+        global_loads={str(width): loads[width] for width in sorted(loads, reverse=True)},
+        local_memory_instructions=sum(b in ("LDL", "STL") for b in bases),
+        loop_instructions=None,
+        instructions_per_score=None,
+    )
     loop = main_loop(code)
     if loop is not None:
-        facts["loop_instructions"] = sum(loop[0] <= a <= loop[1] and _opcode(t) != "NOP" for a, t in code)
+        facts["loop_instructions"] = sum(loop[0] <= a <= loop[1] and _base(t) != "NOP" for a, t in code)
         if kernel in SCORE_TILE:
             rows, cols = (config[key] for key in SCORE_TILE[kernel])
             facts["instructions_per_score"] = round(facts["loop_instructions"] * 32 * num_warps / (rows * cols), 2)
     return facts
 
 
-def blocks_per_sm(registers: int | None, shared: int, num_warps: int) -> int | None:
-    """Resident blocks per SM on sm_90, limited by registers (256-register allocation units per warp),
-    shared memory (1 KB reserved per block), threads and the 32-block cap."""
+def blocks_per_sm(registers: int | None, shared: int, num_warps: int, arch: int = ARCH) -> int | None:
+    """Resident blocks per SM on sm_``arch``, limited by registers (256-register allocation units
+    per warp), shared memory (less what each block reserves), threads and the block cap."""
     if registers is None:
         return None
+    limits = SM_LIMITS[arch]
     per_warp = -(-registers * 32 // 256) * 256
     return min(
-        REGISTERS_PER_SM // (per_warp * num_warps),
-        SHARED_PER_SM // (shared + RESERVED_SHARED_PER_BLOCK),
-        THREADS_PER_SM // (32 * num_warps),
-        BLOCKS_PER_SM,
+        limits.registers // (per_warp * num_warps),
+        limits.shared // (shared + limits.reserved_shared_per_block),
+        limits.threads // (32 * num_warps),
+        limits.blocks,
     )
 
 
@@ -477,7 +570,7 @@ def compile_shape(name: str, dtype_name: str, out: Path, arch: int = ARCH, ops=O
         for config, num_warps, num_stages in configs:
             described = {**config, "num_warps": num_warps, "num_stages": num_stages}
             entry = {
-                "shape": name, "dtype": dtype_name, "kernel": fn.__name__,
+                "shape": name, "dtype": dtype_name, "arch": arch, "kernel": fn.__name__,
                 "pass": "forward" if fn.__name__ in FORWARD_KERNELS else "backward", "config": described,
             }
             start = time.perf_counter()
@@ -493,7 +586,7 @@ def compile_shape(name: str, dtype_name: str, out: Path, arch: int = ARCH, ops=O
                 (out / path).write_text(sass)
                 entry.update(
                     registers=facts["registers"], spilled_bytes=facts["spill_bytes"], shared_memory=facts["shared"],
-                    blocks_per_sm=blocks_per_sm(facts["registers"], facts["shared"], num_warps),
+                    blocks_per_sm=blocks_per_sm(facts["registers"], facts["shared"], num_warps, arch),
                     sass=str(path), **analyse(sass, fn.__name__, config, num_warps),
                 )
             entry["seconds"] = round(time.perf_counter() - start, 2)
@@ -502,14 +595,16 @@ def compile_shape(name: str, dtype_name: str, out: Path, arch: int = ARCH, ops=O
 
 
 def table(entries: list[dict]) -> str:
-    """One line per compilation: the facts the issue asks for, grouped by shape and dtype."""
+    """One line per compilation: the facts the issue asks for, grouped by shape, dtype and architecture.
+    UTCMMA counts sm_100's tcgen05 MMA instructions (``MMA_FAMILIES``)."""
     header = (f"{'kernel':<32} {'config (M N/D K, warps, stages)':<32} {'regs':>4} {'spill':>5} {'smem':>6} "
-              f"{'blk/SM':>6} {'HGMMA':>5} {'HMMA':>4}  {'loads 128/64/32/16/8-bit':<24} {'loop':>5} {'/score':>6}")
+              f"{'blk/SM':>6} {'HGMMA':>5} {'QGMMA':>5} {'HMMA':>4} {'UTCMMA':>6}  {'loads 128/64/32/16/8-bit':<24} "
+              f"{'loop':>5} {'/score':>6}")
     lines, current = [], None
     for e in entries:
-        if (e["shape"], e["dtype"]) != current:
-            current = (e["shape"], e["dtype"])
-            lines += ["", f"{e['shape']} {e['dtype']}: {SHAPES[e['shape']]}", header]
+        if (e["shape"], e["dtype"], e["arch"]) != current:
+            current = (e["shape"], e["dtype"], e["arch"])
+            lines += ["", f"{e['shape']} {e['dtype']} sm_{e['arch']}: {SHAPES[e['shape']]}", header]
         blocks = "/".join(str(v) for k, v in e["config"].items() if k.startswith("BLOCK_"))
         config = f"{blocks or '-'} w{e['config']['num_warps']} s{e['config']['num_stages']}"
         if "error" in e:
@@ -520,7 +615,8 @@ def table(entries: list[dict]) -> str:
         loop = "" if e["loop_instructions"] is None else e["loop_instructions"]
         lines.append(
             f"{e['kernel']:<32} {config:<32} {e['registers']!s:>4} {e['spilled_bytes']!s:>5} {e['shared_memory']:>6} "
-            f"{e['blocks_per_sm']!s:>6} {e['hgmma']:>5} {e['hmma']:>4}  {loads:<24} {loop!s:>5} {per_score!s:>6}"
+            f"{e['blocks_per_sm']!s:>6} {e['hgmma']:>5} {e['qgmma']:>5} {e['hmma']:>4} {e['tcgen05_mma']:>6}  "
+            f"{loads:<24} {loop!s:>5} {per_score!s:>6}"
         )
     return "\n".join(lines)
 
@@ -543,7 +639,8 @@ def run(shapes: list[str], dtypes: list[str], out: Path, arch: int = ARCH, ops=O
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sass", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=ARCH, help="compute capability as an int (default 90)")
+    parser.add_argument("--arch", type=int, default=ARCH, choices=sorted(SM_LIMITS),
+                        help="compute capability as an int: 90 (Hopper, the default) or 100 (Blackwell B200)")
     parser.add_argument("--shape", action="append", choices=[*SHAPES, "all"],
                         help="a named shape; repeat for several; default all")
     parser.add_argument("--dtype", action="append", choices=list(DTYPES), help="repeat for several; default bf16")

@@ -16,10 +16,12 @@ The order of k is free (it is summed over): for NCHW images we take k = (c, s1, 
 reads whole patch rows, runs of P contiguous pixels (s2 has stride 1); for channels_last images
 k = (s1, s2, c), runs of P*C contiguous values. The weight is read through its four strides in
 the same order, so vit's Linear-form weight (D, P*P*C) with columns in (s1 s2 c) order works as
-the view ``weight.view(D, P, P, C).permute(0, 3, 1, 2)``, with no copy of either. Where the
-weight's runs match the image's (a Conv2d weight with NCHW images, the Linear-form weight with
-channels_last images) both operands load as vectors and pipeline; an NCHW image with the
-Linear-form weight gathers the (small, L2-resident) weight element by element.
+the view ``weight.view(D, P, P, C).permute(0, 3, 1, 2)``, with no copy of the image. Where the
+weight's runs match the image's and are whole 16-byte vectors (a Conv2d weight with NCHW images,
+the Linear-form weight with channels_last images, at patch 16) it is read in place and both
+operands load as vectors and pipeline. Elsewhere (patch 14, whose runs of 14 would come 16 bits at
+a time; an NCHW image with the Linear-form weight, element by element) the launchers pass a
+K-major copy, (K, D) in memory, read as 128-bit vectors (``_weight_for_kernels``: a few MB at most).
 
 Backward, two more GEMMs with the same addressing (and torch sums for the small reductions):
   grad_weight (D, K) = grad_rows^T (D, M) @ patches (M, K)        patches read from the image again
@@ -50,10 +52,11 @@ def _configs(sizes: list[tuple[int, int, int, int, int]], names: tuple[str, str,
 # by the autotuner. The interpreter gets one config: autotuning there would only multiply the
 # run time. Each kernel names its blocks by what they tile: rows M = B*N, columns D, depth K.
 # Left out, read off the sm_90 machine code (``python -m bench.sass --op patch_embed``, held by
-# tests/machine/test_sass.py): 2-warp tiles, under a warpgroup, compile to mma.sync (HMMA) instead of
-# wgmma; and in the forward, whose gathered patch addresses take registers beside the
-# accumulator, the tiles that spill at ViT-B/16 or ViT-H/14 in bf16 (128x256 and 256x128 with 8
-# warps, 128x128 with 4, and 64x128 with 4 at patch 14).
+# tests/machine/test_patch_embed_sass.py): 2-warp tiles, under a warpgroup, compile to mma.sync
+# (HMMA) instead of wgmma; and in the forward, whose gathered patch addresses take registers
+# beside the accumulator, the tiles that spilled at ViT-B/16 or ViT-H/14 in bf16 (128x256 and
+# 256x128 with 8 warps, 128x128 with 4, and 64x128 with 4 at patch 14, measured before the weight
+# was read K-major there). grad_images prunes more at patch 14: ``_prune_grad_images``.
 _TILE_SIZES = [
     (128, 128, 64, 3, 8),
     (128, 256, 64, 3, 8),
@@ -72,6 +75,31 @@ _GRAD_IMAGES_NAMES = ("BLOCK_M", "BLOCK_K", "BLOCK_D")  # output tile (M, K), re
 
 def _autotuned(names: tuple[str, str, str], sizes=_TILE_SIZES) -> list[triton.Config]:
     return autotune_configs(_configs(sizes, names), _configs(_INTERPRETER_TILE, names)[0])
+
+
+# grad_images at a patch whose rows are not whole 16-byte vectors (P % 8 != 0: patch 14) stores
+# its (BLOCK_M, BLOCK_K) tile by inverse im2col a pixel pair at a time, each with its own 64-bit
+# address: with 128 fp32 accumulators per thread (128x256 and 256x128 with 8 warps, 128x128 with 4)
+# and the weight pipelined as 128-bit vectors, that epilogue spills 760-2870 bytes at ViT-H/14 and
+# SigLIP-So400m (bf16, sm_90; the main loop does not; 220-360 bytes at SigLIP when the weight came
+# 16 bits at a time). Those tiles are tried only at patches of whole vectors (16: none spills); at
+# patch 14 the 64-accumulator tiles remain (128x128 with 8 warps, 128x64 and 64x128 with 4, 64x64).
+_MOST_ACCUMULATORS_AT_RAGGED_PATCH = 64  # per thread
+
+
+def _prune_grad_images(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """grad_images' ``early_config_prune``: at P % 8 != 0, the tiles of at most 64 accumulators per thread.
+
+    A pure function of PATCH (an autotune key), plain Python: Triton's autotuner calls it, and so do
+    torch.compile's tracing and bench/sass.py. If nothing would be left, every config is kept.
+    """
+    if {**named_args, **kwargs}["PATCH"] % 8 == 0:
+        return configs
+    kept = [
+        config for config in configs
+        if config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_K"] <= _MOST_ACCUMULATORS_AT_RAGGED_PATCH * 32 * config.num_warps
+    ]
+    return kept or configs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,16 +148,21 @@ def _patch_embed_forward_kernel(
     n_rows, dim, n_patches, patches_per_row,
     stride_ib, stride_ic, stride_ih, stride_iw,
     stride_wd, stride_wc, stride_wh, stride_ww,
-    stride_bias, stride_cls_n, stride_cls_d, stride_pos_n, stride_pos_d,
-    stride_tb, stride_tn, stride_td,
+    stride_pos_n, stride_pos_d,
     CHANNELS: tl.constexpr, PATCH: tl.constexpr, CHANNELS_INNER: tl.constexpr, WEIGHT_RUNS: tl.constexpr,
     HAS_BIAS: tl.constexpr, N_PREFIX: tl.constexpr, HAS_POS: tl.constexpr,
     IEEE_FP32: tl.constexpr, INTERPRETING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """tokens[b, T + n, :] = patches[b*N + n] @ weight^T + bias + pos_embed[T + n]; and rows t < T, the
-    N_PREFIX = T prefix tokens (class, registers, distillation), = cls[t] + pos_embed[t]."""
+    N_PREFIX = T prefix tokens (class, registers, distillation), = cls[t] + pos_embed[t].
+
+    bias (D,), cls (1, T, D) and tokens (B, T + N, D) are contiguous (the launcher's own tokens, and
+    a copy of bias or cls only where they are not, a few KB), so their strides are derived here.
+    """
     K = CHANNELS * PATCH * PATCH
+    stride_tn = dim  # tokens (B, T + N, D), contiguous
+    stride_tb = (N_PREFIX + n_patches) * dim
     # Consecutive programs share a row tile (its image pixels stay in L2 across the D tiles).
     n_dim_tiles = tl.cdiv(dim, BLOCK_D)
     row_tile = tl.program_id(0) // n_dim_tiles
@@ -158,7 +191,7 @@ def _patch_embed_forward_kernel(
         acc = dot(patches, weight, acc, IEEE_FP32, INTERPRETING)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     token_row = patch + N_PREFIX  # (BLOCK_M,) row of the output (and of pos_embed) that patch n goes to
     if HAS_POS:
         acc += tl.load(
@@ -168,7 +201,7 @@ def _patch_embed_forward_kernel(
         ).to(tl.float32)
     image_base = image.to(tl.int64) * stride_tb
     tl.store(
-        tokens_ptr + image_base[:, None] + token_row[:, None] * stride_tn + cols[None, :] * stride_td,
+        tokens_ptr + image_base[:, None] + token_row[:, None] * stride_tn + cols[None, :],
         rounded_to(acc, tokens_ptr, INTERPRETING),
         mask=row_ok[:, None] & col_ok[None, :],
     )
@@ -177,12 +210,12 @@ def _patch_embed_forward_kernel(
     # patch (n == 0), as masked stores of the same tile shape: no extra launch.
     first_patch = row_ok & (patch == 0)
     for t in tl.static_range(N_PREFIX):
-        prefix = tl.load(cls_ptr + t * stride_cls_n + cols * stride_cls_d, mask=col_ok, other=0.0).to(tl.float32)
+        prefix = tl.load(cls_ptr + t * dim + cols, mask=col_ok, other=0.0).to(tl.float32)
         if HAS_POS:
             prefix += tl.load(pos_ptr + t * stride_pos_n + cols * stride_pos_d, mask=col_ok, other=0.0).to(tl.float32)
         prefix_rows = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32) + prefix[None, :]
         tl.store(
-            tokens_ptr + image_base[:, None] + t * stride_tn + cols[None, :] * stride_td,
+            tokens_ptr + image_base[:, None] + t * stride_tn + cols[None, :],
             rounded_to(prefix_rows, tokens_ptr, INTERPRETING),
             mask=first_patch[:, None] & col_ok[None, :],
         )
@@ -233,7 +266,10 @@ def _patch_embed_grad_weight_kernel(
     tl.store(out, rounded_to(acc, out_ptr, INTERPRETING), mask=dim_ok[:, None] & k_ok[None, :])
 
 
-@triton.autotune(configs=_autotuned(_GRAD_IMAGES_NAMES), key=["n_rows", "dim", "CHANNELS", "PATCH"])
+@triton.autotune(
+    configs=_autotuned(_GRAD_IMAGES_NAMES), key=["n_rows", "dim", "CHANNELS", "PATCH"],
+    prune_configs_by={"early_config_prune": _prune_grad_images},
+)
 @triton.jit
 def _patch_embed_grad_images_kernel(
     grad_ptr, weight_ptr, grad_images_ptr,
@@ -300,6 +336,34 @@ def _channels_inner(images: torch.Tensor) -> bool:
     return _fused_runs(images)
 
 
+def _weight_for_kernels(weight: torch.Tensor, channels_inner: bool) -> torch.Tensor:
+    """The weight (D, C, P, P) as the forward and grad_images kernels read it: itself, or a K-major copy.
+
+    In place where its k-runs are the image's and come in whole 16-byte vectors: a Conv2d weight
+    (stride 1 along s2) with NCHW images at P a multiple of 8, or the Linear-form weight (its
+    (s2, c) one run) with channels_last images at P*C a multiple of 8, every other stride a
+    multiple of 8 elements. Otherwise (patch 14: runs of 14 or 42 elements, gathered 16 bits at a
+    time; mismatched layouts, gathered element by element) one copy per call whose memory is
+    (K, D), k in the kernels' order and D contiguous, seen as (D, C, P, P): a weight tile is then
+    BLOCK_K rows of BLOCK_D contiguous values, at offsets that are multiples of D, read as 128-bit
+    cp.async where D is a multiple of 8 (ViT-H/14: registers 168 -> 90 at 64x64x64). The copy is
+    D*C*P*P elements, 1.4 MB for SigLIP-So400m in bf16 (against 57 MB of images at batch 64), once in
+    the forward and once in grad_images.
+    """
+    _, channels, patch, _ = weight.shape
+    if channels_inner:  # k = (s1, s2, c): runs of P*C along (s2, c) with stride stride_c
+        run, run_stride, others = patch * channels, weight.stride(1), (weight.stride(0), weight.stride(2))
+        matches = _fused_runs(weight)
+    else:  # k = (c, s1, s2): runs of P along s2
+        run, run_stride, others = patch, weight.stride(3), (weight.stride(0), weight.stride(1), weight.stride(2))
+        matches = True
+    if matches and run_stride == 1 and run % 8 == 0 and all(stride % 8 == 0 for stride in others):
+        return weight
+    order = (2, 3, 1, 0) if channels_inner else (1, 2, 3, 0)  # (P, P, C, D) or (C, P, P, D)
+    k_major = weight.permute(order).contiguous()  # (K, D) in memory
+    return k_major.permute(sorted(range(4), key=order.__getitem__))  # back to (D, C, P, P), strides (1, ...)
+
+
 def _sizes(images: torch.Tensor, weight: torch.Tensor):
     """(batch, channels, patch, patches per row, patches per image N, rows B*N, dim D)."""
     batch, channels, height, width = images.shape
@@ -322,10 +386,13 @@ def patch_embed_forward(
     if n_rows * dim == 0:  # an empty batch, an image with no patch or D = 0: nothing to project, no launch
         return reference.patch_embed_reference(images, weight, bias, cls_token, pos_embed)
     n_prefix = 0 if cls_token is None else cls_token.shape[1]
-    tokens = images.new_empty((batch, n_prefix + n_patches, dim))  # (B, T + N, D)
+    tokens = images.new_empty((batch, n_prefix + n_patches, dim))  # (B, T + N, D), contiguous
+    channels_inner = _channels_inner(images)
+    weight = _weight_for_kernels(weight, channels_inner)
     # Absent optional tensors: any pointer will do, their constexpr flag keeps it from being read.
-    bias_ptr = bias if bias is not None else tokens
-    cls_ptr = cls_token if cls_token is not None else tokens
+    # bias (D,) and cls (1, T, D) are read contiguous: a copy of a few KB where they are not.
+    bias_ptr = bias.contiguous() if bias is not None else tokens
+    cls_ptr = cls_token.contiguous() if cls_token is not None else tokens
     pos_ptr = pos_embed if pos_embed is not None else tokens
 
     def grid(meta):
@@ -336,12 +403,9 @@ def patch_embed_forward(
         n_rows, dim, n_patches, per_row,
         *images.stride(),
         *weight.stride(),
-        bias.stride(0) if bias is not None else 0,
-        *(cls_token.stride()[1:] if cls_token is not None else (0, 0)),
         pos_embed.stride(1) if pos_embed is not None else 0,
         pos_embed.stride(2) if pos_embed is not None else 0,
-        *tokens.stride(),
-        CHANNELS=channels, PATCH=patch, CHANNELS_INNER=_channels_inner(images), WEIGHT_RUNS=_fused_runs(weight),
+        CHANNELS=channels, PATCH=patch, CHANNELS_INNER=channels_inner, WEIGHT_RUNS=_fused_runs(weight),
         HAS_BIAS=bias is not None, N_PREFIX=n_prefix, HAS_POS=pos_embed is not None,
         IEEE_FP32=_ieee_fp32(images.dtype), INTERPRETING=INTERPRETING,
     )
@@ -415,6 +479,8 @@ def patch_embed_grad_images(patch_grads: torch.Tensor, images: torch.Tensor, wei
     if n_rows * dim == 0:  # no patch or no output column: the gradient is 0, nothing to launch
         return torch.zeros_like(images)
     grad_images = torch.empty_like(images)
+    channels_inner = _channels_inner(grad_images)
+    weight = _weight_for_kernels(weight, channels_inner)
 
     def grid(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(channels * patch * patch, meta["BLOCK_K"]),)
@@ -425,7 +491,7 @@ def patch_embed_grad_images(patch_grads: torch.Tensor, images: torch.Tensor, wei
         *patch_grads.stride(),
         *weight.stride(),
         *grad_images.stride(),
-        CHANNELS=channels, PATCH=patch, CHANNELS_INNER=_channels_inner(grad_images), WEIGHT_RUNS=_fused_runs(weight),
+        CHANNELS=channels, PATCH=patch, CHANNELS_INNER=channels_inner, WEIGHT_RUNS=_fused_runs(weight),
         IEEE_FP32=_ieee_fp32(images.dtype), INTERPRETING=INTERPRETING,
     )
     return grad_images

@@ -135,6 +135,43 @@ def _backward_kv_block(
     return grad_k, grad_v, grad_k_lo, grad_v_lo
 
 
+@triton.jit
+def _backward_kv_tail(
+    grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start, end,
+    q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, q_strides, grad_out_strides, mask_strides, stride_stats,
+    head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The query rows [start, end), fewer than BLOCK_M, as one masked block 16 rows wide where they
+    fit, else BLOCK_M: ``_forward_tail``'s construction."""
+    tail = end - start
+    if BLOCK_M > 16:  # noqa: SIM102 (a compile-time choice around a run-time one)
+        if tail <= 16:
+            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
+                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start,
+                q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, q_strides, grad_out_strides, mask_strides,
+                stride_stats, head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
+                UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
+                BLOCK_M=16, BLOCK_N=BLOCK_N, MASKED=True,
+            )
+    if (tail > 16) | (BLOCK_M == 16):
+        grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
+            grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start,
+            q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, q_strides, grad_out_strides, mask_strides,
+            stride_stats, head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+            HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+            IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
+            UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
+        )
+    return grad_k, grad_v, grad_k_lo, grad_v_lo
+
+
 @triton.autotune(
     configs=autotune_configs(BACKWARD_KV_CONFIGS, _INTERPRETER_BACKWARD_KV_CONFIG),
     key=_AUTOTUNE_KEY,
@@ -227,8 +264,9 @@ def _attention_backward_kv_kernel(
         grad_v_lo = tl.zeros([BLOCK_N, BLOCK_D_LO], tl.float32)
     # The lean body (see above); the calls differ in where they start and in MASKED only.
     if MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS:
-        lean_end = seqlen_q // BLOCK_M * BLOCK_M  # the whole row blocks
-        for start_m in range(0, lean_end, BLOCK_M):
+        row_start = 0
+        whole_end = seqlen_q // BLOCK_M * BLOCK_M
+        for start_m in range(0, whole_end, BLOCK_M):
             grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
                 grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m,
                 q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, q_strides, grad_out_strides, mask_strides,
@@ -238,21 +276,12 @@ def _attention_backward_kv_kernel(
                 UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False,
             )
-        if lean_end < seqlen_q:  # the last, partial row block
-            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
-                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, lean_end,
-                q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, q_strides, grad_out_strides, mask_strides,
-                stride_stats, head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
-                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
-                UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
-            )
     else:
         row_start = 0
         if IS_CAUSAL:
             row_start = (col_block * BLOCK_N // BLOCK_M) * BLOCK_M  # rows above the block's first key see none of it
-        for start_m in range(row_start, seqlen_q, BLOCK_M):
+        whole_end = seqlen_q // BLOCK_M * BLOCK_M
+        for start_m in range(row_start, whole_end, BLOCK_M):
             grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
                 grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m,
                 q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, q_strides, grad_out_strides, mask_strides,
@@ -262,6 +291,16 @@ def _attention_backward_kv_kernel(
                 UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
             )
+    if (whole_end < seqlen_q) & (row_start <= whole_end):  # the last, partial row block, narrowed
+        grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_tail(
+            grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, whole_end, seqlen_q,
+            q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, q_strides, grad_out_strides, mask_strides,
+            stride_stats, head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+            HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+            IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
+            UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        )
 
     _store_rows(
         grad_k_ptr, cols, grad_k_strides, seqlen_k, grad_k * scale, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
@@ -343,6 +382,43 @@ def _backward_q_block(
     return grad_q, grad_q_lo
 
 
+@triton.jit
+def _backward_q_tail(
+    grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start, end,
+    k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
+    head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_NEEDS_GRAD: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The keys [start, end), fewer than BLOCK_N, as one masked block 16 keys wide where they fit,
+    else BLOCK_N: ``_forward_tail``'s construction."""
+    tail = end - start
+    if BLOCK_N > 16:  # noqa: SIM102 (a compile-time choice around a run-time one)
+        if tail <= 16:
+            grad_q, grad_q_lo = _backward_q_block(
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start,
+                k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
+                head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
+                EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
+                BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=16, MASKED=True,
+            )
+    if (tail > 16) | (BLOCK_N == 16):
+        grad_q, grad_q_lo = _backward_q_block(
+            grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start,
+            k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
+            head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+            HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+            IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
+            EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
+            BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
+        )
+    return grad_q, grad_q_lo
+
+
 @triton.autotune(
     configs=autotune_configs(BACKWARD_Q_CONFIGS, _INTERPRETER_BACKWARD_Q_CONFIG),
     key=_AUTOTUNE_KEY + ["BIAS_NEEDS_GRAD"],
@@ -363,9 +439,11 @@ def _attention_backward_q_kernel(
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_NEEDS_GRAD: tl.constexpr,
     EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr, VARLEN: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NARROW_TAIL: tl.constexpr = True,
 ):
     """dQ of one block of BLOCK_M query rows, and the bias gradient d(logits) of those rows. The
-    strides are grouped per tensor inside, not in the signature: see ``_attention_forward_kernel``."""
+    strides are grouped per tensor inside, not in the signature: see ``_attention_forward_kernel``.
+    NARROW_TAIL (a config's): the last, partial block of keys narrowed (``_backward_q_tail``), or whole."""
     q_strides = (stride_qb, stride_qh, stride_qm, stride_qd)
     k_strides = (stride_kb, stride_kh, stride_kn, stride_kd)
     v_strides = (stride_vb, stride_vh, stride_vn, stride_vd)
@@ -432,8 +510,9 @@ def _attention_backward_q_kernel(
         grad_q_lo = tl.zeros([BLOCK_M, BLOCK_D_LO], tl.float32)
     # The lean body (see above); the calls differ in where they start and in MASKED only.
     if MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS:
-        lean_end = seqlen_k // BLOCK_N * BLOCK_N  # the whole blocks
-        for start_n in range(0, lean_end, BLOCK_N):
+        key_end = seqlen_k
+        whole_end = seqlen_k // BLOCK_N * BLOCK_N
+        for start_n in range(0, whole_end, BLOCK_N):
             grad_q, grad_q_lo = _backward_q_block(
                 grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n,
                 k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
@@ -443,9 +522,14 @@ def _attention_backward_q_kernel(
                 EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
                 BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False,
             )
-        if lean_end < seqlen_k:  # the last, partial block
+    else:
+        key_end = seqlen_k
+        if IS_CAUSAL:
+            key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)
+        whole_end = key_end // BLOCK_N * BLOCK_N
+        for start_n in range(0, whole_end, BLOCK_N):
             grad_q, grad_q_lo = _backward_q_block(
-                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, lean_end,
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n,
                 k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
                 head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
@@ -453,13 +537,20 @@ def _attention_backward_q_kernel(
                 EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
                 BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
             )
-    else:
-        key_end = seqlen_k
-        if IS_CAUSAL:
-            key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)
-        for start_n in range(0, key_end, BLOCK_N):
+    if whole_end < key_end:  # the last, partial block
+        if NARROW_TAIL:
+            grad_q, grad_q_lo = _backward_q_tail(
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, whole_end, key_end,
+                k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
+                head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
+                EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
+                BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            )
+        else:
             grad_q, grad_q_lo = _backward_q_block(
-                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n,
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, whole_end,
                 k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
                 head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,

@@ -92,6 +92,48 @@ def _forward_block(
     return acc, acc_lo, row_sum, new_max
 
 
+@triton.jit
+def _forward_tail(
+    acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, end_n, k_ptr, v_ptr, mask_ptr, k_strides, v_strides,
+    mask_strides, head_seed, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The keys [start_n, end_n), fewer than BLOCK_N, as one masked block: 16 keys wide (a tensor
+    core's depth) where they fit, else BLOCK_N.
+
+    At N = 197 and BLOCK_N = 64 the last block holds 5 keys: 16 columns where a whole block computes
+    64 (the masked body costs about its width: 784 -> 299 instructions at 128x64, 4 warps, in the
+    study of issue 21). The 16-wide copy is picked at run time (packed sequences end anywhere; one
+    compilation serves every N). Widths 32 and 64 as well cost registers at the split head dims on
+    sm_90 (ViT-H/14's 64x64 forward 126 -> 140, 4 -> 3 blocks per SM; 128x64, 8 warps, 2 -> 1):
+    not taken.
+    """
+    tail = end_n - start_n
+    if BLOCK_N > 16:  # noqa: SIM102 (a compile-time choice around a run-time one)
+        if tail <= 16:
+            acc, acc_lo, row_sum, row_max = _forward_block(
+                acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr,
+                k_strides, v_strides, mask_strides, head_seed, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
+                UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
+                BLOCK_M=BLOCK_M, BLOCK_N=16, MASKED=True,
+            )
+    if (tail > 16) | (BLOCK_N == 16):
+        acc, acc_lo, row_sum, row_max = _forward_block(
+            acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr,
+            k_strides, v_strides, mask_strides, head_seed, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+            HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+            IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
+            UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
+        )
+    return acc, acc_lo, row_sum, row_max
+
+
 @triton.autotune(
     configs=autotune_configs(FORWARD_CONFIGS, _INTERPRETER_FORWARD_CONFIG),
     key=_AUTOTUNE_KEY,
@@ -170,8 +212,9 @@ def _attention_forward_kernel(
     # the smallest product, where the lean body scales the largest. The calls differ in where they
     # start and in MASKED only.
     if MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS and not NEGATIVE_SCALE:
-        lean_end = seqlen_k // BLOCK_N * BLOCK_N  # the whole blocks
-        for start_n in range(0, lean_end, BLOCK_N):
+        key_end = seqlen_k
+        whole_end = seqlen_k // BLOCK_N * BLOCK_N
+        for start_n in range(0, whole_end, BLOCK_N):
             acc, acc_lo, row_sum, row_max = _forward_block(
                 acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr,
                 k_strides, v_strides, mask_strides, head_seed, seqlen_q, seqlen_k, scale_log2e, dropout_p,
@@ -180,20 +223,12 @@ def _attention_forward_kernel(
                 UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False,
             )
-        if lean_end < seqlen_k:  # the last, partial block
-            acc, acc_lo, row_sum, row_max = _forward_block(
-                acc, acc_lo, row_sum, row_max, q, q_lo, rows, lean_end, k_ptr, v_ptr, mask_ptr,
-                k_strides, v_strides, mask_strides, head_seed, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
-                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
-                UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
-            )
     else:
         key_end = seqlen_k
         if IS_CAUSAL:
             key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)  # keys past the last row: all masked
-        for start_n in range(0, key_end, BLOCK_N):
+        whole_end = key_end // BLOCK_N * BLOCK_N
+        for start_n in range(0, whole_end, BLOCK_N):
             acc, acc_lo, row_sum, row_max = _forward_block(
                 acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr,
                 k_strides, v_strides, mask_strides, head_seed, seqlen_q, seqlen_k, scale_log2e, dropout_p,
@@ -202,7 +237,18 @@ def _attention_forward_kernel(
                 UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
             )
+    if whole_end < key_end:  # the last, partial block, narrowed
+        acc, acc_lo, row_sum, row_max = _forward_tail(
+            acc, acc_lo, row_sum, row_max, q, q_lo, rows, whole_end, key_end, k_ptr, v_ptr, mask_ptr,
+            k_strides, v_strides, mask_strides, head_seed, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+            HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+            IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
+            UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        )
 
+    # A row with every key masked has row_sum 0: divide by 1, output 0, and save a maximum of 0 and
+    # a sum of 1 so the backward's exp2(-inf - 0) gives it zero probabilities, hence zero gradients.
     row_sum = tl.where(row_sum == 0.0, 1.0, row_sum)
     if HAS_DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))

@@ -22,12 +22,23 @@ MASK_NONE, MASK_BOOL, MASK_BIAS = 0, 1, 2
 # A mask, causal or dropout (a heavier loop body) keeps only tiles of at most 16 scores per thread,
 # where the others spill. Left out: (128, 128) at BLOCK_D 128, over the shared memory with a mask
 # (and (64, 64, 4 warps, 3 stages) there in TF32); 4 stages of (64, 64), the loop of 3 stages.
+#
+# Tiles that cannot win on the lean path (no mask, causal or dropout), issue 21: a 32-wide tile's
+# loop costs 13.4-15.7 instructions per score in the forward (64x32) and 12.6-14 in dK/dV (32 query
+# rows), every other tile 7.2-11.3; they stay for masked launches, where they are the light ones
+# (F16_MASKED), and where no other tile compiles clean (BLOCK_D 256). dK/dV at a head dim split
+# 64 + 16 (72, 80: F16_SPLIT, by the two pieces) was left one tile at 1 block per SM, 15.3-15.5 per
+# score (32x128, 8 warps); 64x64 with 4 warps and 1 stage gives 2 blocks per SM at 13.2-13.3, no
+# spill (2 stages spill 72 bytes at 72). Nothing we compiled at the split head dims reaches 11.5:
+# 64x128 (8 warps) 12.8-13.2 at 1 block, unsplit 128 wide 14-16.8 and spilling.
 F16, TF32, FMA = "f16", "tf32", "fma"  # fp16/bf16 tensor cores; fp32 on them as TF32; exact fp32 FMAs
+F16_MASKED = "f16 masked"  # fp16/bf16, only under a mask, causal or dropout
+F16_SPLIT = "f16 split"  # fp16/bf16 without a mask, causal or dropout, at a split head dim: (first, second) piece
 _UP_TO_64, _UP_TO_128, _ALL = (16, 32, 64), (16, 32, 64, 128), (16, 32, 64, 128, 256)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, {dot kind: the BLOCK_D it is tried at})
 _FORWARD_TABLE = [
     (32, 32, 4, 2, {TF32: (256,), FMA: _ALL}),
-    (64, 32, 4, 3, {F16: _ALL, TF32: _UP_TO_128}),
+    (64, 32, 4, 3, {F16: (256,), F16_MASKED: _UP_TO_128, TF32: _UP_TO_128}),
     (64, 64, 4, 2, {F16: _UP_TO_128, TF32: _UP_TO_128}),
     (64, 64, 4, 3, {F16: _UP_TO_128, TF32: _UP_TO_64}),
     (128, 64, 4, 3, {F16: _UP_TO_64}),
@@ -38,10 +49,11 @@ _FORWARD_TABLE = [
 _BACKWARD_KV_TABLE = [
     (32, 32, 4, 1, {FMA: _ALL}),
     (16, 64, 4, 2, {TF32: (128, 256)}),
-    (32, 64, 4, 1, {F16: (*_UP_TO_64, 256), TF32: _UP_TO_64}),
-    (32, 64, 4, 2, {F16: _UP_TO_64, TF32: _UP_TO_64}),
+    (32, 64, 4, 1, {F16: (256,), F16_MASKED: _UP_TO_64, TF32: _UP_TO_64}),
+    (32, 64, 4, 2, {F16_MASKED: _UP_TO_64, TF32: _UP_TO_64}),
+    (64, 64, 4, 1, {F16_SPLIT: ((64, 16),)}),
     (64, 64, 4, 2, {F16: _UP_TO_64}),
-    (32, 128, 8, 1, {F16: _ALL, TF32: _UP_TO_64}),
+    (32, 128, 8, 1, {F16: (128, 256), F16_MASKED: _UP_TO_64, TF32: _UP_TO_64}),
     (64, 128, 8, 2, {F16: _UP_TO_64}),
 ]
 # dQ: BLOCK_M query rows stay in registers while BLOCK_N keys stream past.
@@ -54,19 +66,32 @@ _BACKWARD_Q_TABLE = [
 ]
 
 
-def _configs(table) -> list[triton.Config]:
+# dQ tiles that run their last, partial block of keys whole (NARROW_TAIL off): the narrow copy
+# (``_backward_q_tail``) costs them a block per SM on sm_90 (ptxas 12.9): 64x64, 4 warps, 128 -> 134
+# registers at ViT-B/16 (4 -> 3 blocks) and 168 -> 170 at ViT-H/14 (3 -> 2). Every other tile of
+# every kernel keeps its registers' blocks per SM and its main loop with the narrow block.
+_BACKWARD_Q_WHOLE_TAIL = {(64, 64, 4, 2)}
+
+
+def _configs(table, whole_tail=None) -> list[triton.Config]:
+    """The table's configs; with ``whole_tail`` (a set of its rows' tiles) each says NARROW_TAIL."""
     return [
-        triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+        triton.Config(
+            {"BLOCK_M": block_m, "BLOCK_N": block_n}
+            | ({} if whole_tail is None else {"NARROW_TAIL": (block_m, block_n, warps, stages) not in whole_tail}),
+            num_warps=warps, num_stages=stages,
+        )
         for block_m, block_n, warps, stages, _ in table
     ]
 
 
 def _pruner(table, split_as_padded=False):
     """An ``early_config_prune`` keeping the configs ``table`` lists for the launch's dot kind and
-    BLOCK_D, and under a mask, causal or dropout those of at most 16 scores per thread (if any).
-    With the head dim split (SPLIT_D), BLOCK_D is its first piece; ``split_as_padded`` looks the
-    configs up at the padded width instead (dK/dV, whose four accumulators and tiles per piece
-    spill at 64 x 64 with a second piece at D = 72).
+    BLOCK_D (F16_MASKED rows too under a mask, causal or dropout, and then those of at most 16
+    scores per thread, if any). With the head dim split (SPLIT_D), BLOCK_D is its first piece;
+    ``split_as_padded`` looks the configs up at the padded width instead (dK/dV, whose four
+    accumulators and tiles per piece spill at 64 x 64 with 2 stages at D = 72), but for the lean
+    fp16/bf16 launches whose two pieces a row lists as F16_SPLIT: those rows.
 
     A pure function of autotune-key arguments (q's dtype, HEAD_DIM, HEAD_DIM_V, MASK_KIND,
     IS_CAUSAL, HAS_DROPOUT, EXACT_FP32_DOTS), cheap, and plain Python: Triton's autotuner calls it,
@@ -74,6 +99,7 @@ def _pruner(table, split_as_padded=False):
     test's own) is kept; if nothing is left, every config is.
     """
     tried_at = {(block_m, block_n, warps, stages): kinds for block_m, block_n, warps, stages, kinds in table}
+    split_rows = {piece for kinds in tried_at.values() for piece in kinds.get(F16_SPLIT, ())}
 
     def prune(configs, named_args, **kwargs):
         arguments = {**named_args, **kwargs}
@@ -81,16 +107,22 @@ def _pruner(table, split_as_padded=False):
             kind = FMA
         else:
             kind = TF32 if arguments["q_ptr"].dtype == torch.float32 else F16
+        masked = arguments["MASK_KIND"] != MASK_NONE or arguments["IS_CAUSAL"] or arguments["HAS_DROPOUT"]
+        kinds_tried = (kind, F16_MASKED) if masked and kind == F16 else (kind,)
         block_d = max(arguments["BLOCK_D"], arguments["BLOCK_DV"])
         if split_as_padded and arguments.get("SPLIT_D"):
-            block_d = triton.next_power_of_2(block_d + arguments["BLOCK_D_LO"])
+            pieces = (block_d, arguments["BLOCK_D_LO"])
+            if kind == F16 and not masked and pieces in split_rows:
+                kinds_tried, block_d = (F16_SPLIT,), pieces
+            else:
+                block_d = triton.next_power_of_2(block_d + arguments["BLOCK_D_LO"])
 
         def tried(config):
             kinds = tried_at.get((config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages))
-            return kinds is None or block_d in kinds.get(kind, ())
+            return kinds is None or any(block_d in kinds.get(k, ()) for k in kinds_tried)
 
         kept = [config for config in configs if tried(config)] or configs
-        if arguments["MASK_KIND"] != MASK_NONE or arguments["IS_CAUSAL"] or arguments["HAS_DROPOUT"]:
+        if masked:
             light = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 16 * 32 * c.num_warps]
             kept = light or kept
         return kept
@@ -100,7 +132,7 @@ def _pruner(table, split_as_padded=False):
 
 FORWARD_CONFIGS = _configs(_FORWARD_TABLE)
 BACKWARD_KV_CONFIGS = _configs(_BACKWARD_KV_TABLE)
-BACKWARD_Q_CONFIGS = _configs(_BACKWARD_Q_TABLE)
+BACKWARD_Q_CONFIGS = _configs(_BACKWARD_Q_TABLE, _BACKWARD_Q_WHOLE_TAIL)
 # The interpreter's one config: unequal blocks, so the tests walk several blocks of each kind.
 _INTERPRETER_FORWARD_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 _INTERPRETER_BACKWARD_KV_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=1)

@@ -1,0 +1,66 @@
+"""Which autotune configs a launch tries (kernels/triton/configs.py ``_pruner``): plain Python, no kernel runs.
+
+The machine-code reasons live beside the tables; tests/machine/test_sass.py holds them on sm_90.
+"""
+
+import pytest
+import torch
+
+from kernels.triton import configs
+
+
+def tiles(configs_tried) -> set:
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs_tried}
+
+
+def launch(dtype=torch.bfloat16, block_d=64, split=None, mask=configs.MASK_NONE, causal=False, dropout=False):
+    """The autotune-key arguments the pruner reads, as a launch passes them."""
+    first, second = split if split else (block_d, 16)
+    return {
+        "q_ptr": torch.empty(0, dtype=dtype), "EXACT_FP32_DOTS": False, "BLOCK_D": first, "BLOCK_DV": first,
+        "SPLIT_D": split is not None, "BLOCK_D_LO": second, "MASK_KIND": mask, "IS_CAUSAL": causal,
+        "HAS_DROPOUT": dropout,
+    }
+
+
+forward = configs._pruner(configs._FORWARD_TABLE)
+dkdv = configs._pruner(configs._BACKWARD_KV_TABLE, split_as_padded=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lean_launches_skip_the_32_wide_tiles(dtype):
+    lean_forward = tiles(forward(configs.FORWARD_CONFIGS, launch(dtype)))
+    assert (64, 32, 4, 3) not in lean_forward and (128, 128, 8, 3) in lean_forward
+    assert tiles(dkdv(configs.BACKWARD_KV_CONFIGS, launch(dtype))) == {(64, 64, 4, 2), (64, 128, 8, 2)}
+
+
+@pytest.mark.parametrize("masked", [{"mask": configs.MASK_BIAS}, {"causal": True}, {"dropout": True}])
+def test_masked_launches_keep_the_light_tiles(masked):
+    assert tiles(forward(configs.FORWARD_CONFIGS, launch(**masked))) == {(64, 32, 4, 3)}
+    assert tiles(dkdv(configs.BACKWARD_KV_CONFIGS, launch(**masked))) == {(32, 64, 4, 1), (32, 64, 4, 2), (32, 128, 8, 1)}
+
+
+def test_head_dims_that_only_the_32_wide_tiles_serve_keep_them():
+    """BLOCK_D 256 (D = 160-256 unsplit): no other forward tile compiles clean there."""
+    assert tiles(forward(configs.FORWARD_CONFIGS, launch(block_d=256))) == {(64, 32, 4, 3)}
+    assert tiles(dkdv(configs.BACKWARD_KV_CONFIGS, launch(block_d=128))) == {(32, 128, 8, 1)}
+
+
+def test_split_head_dims_try_their_own_dkdv_tile():
+    """64 + 16 (D = 72, 80): the 2-blocks-per-SM tile; under a mask, or at another split (64 + 32,
+    D = 96), the padded width's (where the 64x64 tile spills)."""
+    assert tiles(dkdv(configs.BACKWARD_KV_CONFIGS, launch(split=(64, 16)))) == {(64, 64, 4, 1)}
+    assert tiles(dkdv(configs.BACKWARD_KV_CONFIGS, launch(split=(64, 16), causal=True))) == {(32, 128, 8, 1)}
+    assert tiles(dkdv(configs.BACKWARD_KV_CONFIGS, launch(split=(64, 32)))) == {(32, 128, 8, 1)}
+
+
+def test_float32_is_pruned_as_before():
+    """TF32 rows keep their tiles, 32-wide ones included: the lean-path pruning is fp16/bf16's."""
+    assert (64, 32, 4, 3) in tiles(forward(configs.FORWARD_CONFIGS, launch(torch.float32)))
+
+
+def test_dq_tiles_say_whether_their_last_block_is_narrow():
+    by_tile = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c.kwargs["NARROW_TAIL"]
+               for c in configs.BACKWARD_Q_CONFIGS}
+    assert by_tile[(64, 64, 4, 2)] is False
+    assert all(by_tile[tile] for tile in by_tile if tile not in configs._BACKWARD_Q_WHOLE_TAIL)

@@ -11,7 +11,10 @@ a phase the clock stopped says so, and a second run, with Triton's cache warm, g
    against the float64 einsum reference, by the tests' rule (``tests.equivalence``).
 2. Attention timings at ViT-B/16 (B=256) and ViT-L/16-384 (B=64), bf16, forward and forward +
    backward, and B=1 forward latency: ours against SDPA's flash, cuDNN and efficient backends and
-   compiled FlexAttention.
+   compiled FlexAttention; forward + backward also with our backward forced to the fused kernel
+   ("vitriton-fused") and to the pair ("vitriton-pair"), then the two over N = 197 to 1024 at a
+   fixed token count: the switch-over ``kernels.triton.launch.FUSED_BACKWARD_MIN_KEYS`` comes from
+   that table (until a first GPU run, from the machine-code estimate).
 3. Packed images (``kernels.attention_varlen``): 8 images of 224-1024 px at patch 14, D=80, bf16,
    checked like 1, then timed whole (forward, forward + backward) and in Qwen2.5-VL's 64-token
    windows (forward) against an SDPA call per image, SDPA with a block-diagonal mask, compiled
@@ -27,6 +30,7 @@ after a first call that compiles and autotunes. Run it from the repository root.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
@@ -38,8 +42,10 @@ EXIT_NO_GPU = 2
 DEVICE = "cuda"
 # A phase starts no new piece of work after this fraction of the budget: one piece (a first call
 # that compiles and autotunes) can take a minute, so the last phase ends early.
-PHASE_ENDS = {"correctness": 0.40, "attention": 0.70, "varlen": 0.85, "patch": 0.93}
+PHASE_ENDS = {"correctness": 0.40, "attention": 0.65, "switch-over": 0.75, "varlen": 0.87, "patch": 0.94}
 TIMED = [("vit_b16", 256), ("vit_l16_384", 64)]  # (shape, batch) of the attention timings
+# The fused backward against the pair: N at about 37K tokens (ViT-L/16-384's 64 x 577), 16 heads, D = 64.
+SWITCH_OVER_LENGTHS, SWITCH_OVER_TOKENS = (197, 257, 384, 512, 577, 729, 1024), 64 * 577
 # The timed shapes first (their compiling and autotuning is then done for the timings too), then
 # D = 72 (alignment hints) and D = 80.
 CORRECTNESS_ORDER = ["vit_b16", "vit_l16_384", "siglip_so400m", "vit_h14"]
@@ -146,9 +152,24 @@ def _timed(fn) -> float:
         return triton.testing.do_bench(fn, warmup=10, rep=60, quantiles=[0.5])[0]
 
 
+@contextlib.contextmanager
+def backward_path(path: str | None):
+    """Our backward forced to "fused" or "pair" (``kernels.triton.launch``'s rule set aside); None: the rule."""
+    from kernels.triton import launch
+
+    saved = launch.FUSED_BACKWARD_MIN_KEYS, launch._fused_backward_fits
+    if path is not None:
+        launch.FUSED_BACKWARD_MIN_KEYS = 0 if path == "fused" else sys.maxsize
+        launch._fused_backward_fits = lambda *args: path == "fused"
+    try:
+        yield
+    finally:
+        launch.FUSED_BACKWARD_MIN_KEYS, launch._fused_backward_fits = saved
+
+
 def _attention_providers():
-    """{provider: (role, attend(q, k, v) -> out, SDPA backend to force around its timing or None)}."""
-    from torch.nn.attention import SDPBackend
+    """{provider: (role, attend(q, k, v) -> out, context around its timing, backward only)}."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import kernels
 
@@ -164,20 +185,21 @@ def _attention_providers():
             compiled.append(torch.compile(flex_attention, dynamic=False))
         return compiled[0](q, k, v)
 
+    def ours(q, k, v):
+        return kernels.attention(q, k, v, backend="triton")
+
     return {
-        "vitriton": ("ours", lambda q, k, v: kernels.attention(q, k, v, backend="triton"), None),
-        "sdpa-flash": ("peer", sdpa, SDPBackend.FLASH_ATTENTION),
-        "sdpa-cudnn": ("peer", sdpa, SDPBackend.CUDNN_ATTENTION),
-        "sdpa-efficient": ("peer", sdpa, SDPBackend.EFFICIENT_ATTENTION),
-        "flex-compiled": ("peer", flex, None),
+        "vitriton": ("ours", ours, contextlib.nullcontext, False),
+        "vitriton-fused": ("ours", ours, lambda: backward_path("fused"), True),
+        "vitriton-pair": ("ours", ours, lambda: backward_path("pair"), True),
+        "sdpa-flash": ("peer", sdpa, lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION), False),
+        "sdpa-cudnn": ("peer", sdpa, lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION), False),
+        "sdpa-efficient": ("peer", sdpa, lambda: sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), False),
+        "flex-compiled": ("peer", flex, contextlib.nullcontext, False),
     }
 
 
 def time_attention(clock: Clock, limits) -> list[dict]:
-    import contextlib
-
-    from torch.nn.attention import sdpa_kernel
-
     from bench.roofline import attention_work
     from bench.sass import SHAPES
 
@@ -192,14 +214,44 @@ def time_attention(clock: Clock, limits) -> list[dict]:
         work = attention_work(b, h, n, n, d, torch.bfloat16, backward)
         qkv = torch.randn(b, n, 3, h, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=backward)
         grad_out = torch.randn(b, h, n, d, device=DEVICE, dtype=torch.bfloat16) if backward else None
-        for provider, (role, attend, backend) in providers.items():
+        for provider, (role, attend, context, backward_only) in providers.items():
+            if backward_only and not backward:
+                continue
             row = {"case": case, "provider": provider, "role": role}
             rows.append(row)
             if not clock.allows("attention"):
                 row["error"] = "not run: out of time"
                 continue
-            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+            with context():
                 row.update(_time_one(attend, qkv, grad_out, work, limits))
+        qkv = grad_out = None
+        _free()
+    return rows
+
+
+def time_switch_over(clock: Clock, limits) -> list[dict]:
+    """Our forward + backward with the fused backward and with the pair, bf16, D = 64, 16 heads, at
+    each of SWITCH_OVER_LENGTHS with about SWITCH_OVER_TOKENS tokens in all: the smallest N from
+    which "fused" is faster is the measured switch-over (``FUSED_BACKWARD_MIN_KEYS``)."""
+    import kernels
+    from bench.roofline import attention_work
+
+    heads, head_dim = 16, 64
+    rows = []
+    for n in SWITCH_OVER_LENGTHS:
+        batch = max(1, SWITCH_OVER_TOKENS // n)
+        case = f"backward switch-over N={n} B={batch} H={heads} D={head_dim} bf16 fwd+bwd"
+        work = attention_work(batch, heads, n, n, head_dim, torch.bfloat16, True)
+        qkv = torch.randn(batch, n, 3, heads, head_dim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        grad_out = torch.randn(batch, heads, n, head_dim, device=DEVICE, dtype=torch.bfloat16)
+        for path in ("fused", "pair"):
+            row = {"case": case, "provider": f"vitriton-{path}", "role": "ours"}
+            rows.append(row)
+            if not clock.allows("switch-over"):
+                row["error"] = "not run: out of time"
+                continue
+            with backward_path(path):
+                row.update(_time_one(lambda q, k, v: kernels.attention(q, k, v, backend="triton"), qkv, grad_out, work, limits))
         qkv = grad_out = None
         _free()
     return rows
@@ -423,6 +475,8 @@ def main(argv=None) -> int:
     print(f"correctness done at {clock.elapsed():.0f} s", flush=True)
     timings = time_attention(clock, limits)
     print(f"attention timed at {clock.elapsed():.0f} s", flush=True)
+    timings += time_switch_over(clock, limits)
+    print(f"fused backward against the pair timed at {clock.elapsed():.0f} s", flush=True)
     varlen_correctness, varlen_timings = time_varlen(clock, limits)
     correctness += varlen_correctness
     timings += varlen_timings

@@ -1,5 +1,6 @@
 """Launching the attention kernels: the grid, the constexprs, the layouts (dense or packed), and
-one launcher per pass. ``attention_ops.py`` calls these from its custom ops.
+one launcher per pass. ``attention_ops.py`` calls these from its custom ops. The backward is the
+pair of kernels (dK/dV, then dQ) or the one fused kernel, chosen per launch by ``_fused_backward_wanted``.
 """
 
 import dataclasses
@@ -12,6 +13,7 @@ from kernels.triton.attention_bwd import (
     _attention_backward_kv_kernel,
     _attention_backward_q_kernel,
 )
+from kernels.triton.attention_bwd_fused import _attention_backward_fused_kernel
 from kernels.triton.attention_fwd import _attention_forward_kernel
 from kernels.triton.configs import (
     _PREPASS_BLOCK_M,
@@ -21,6 +23,15 @@ from kernels.triton.configs import (
     MASK_NONE,
 )
 from kernels.triton.utils import INTERPRETING
+
+# The fused backward (``attention_bwd_fused.py``: 5 GEMMs per tile where the pair does 7, dQ by fp32
+# atomic adds) from this many keys per sequence. From the sm_90 estimate of issue 21 (instruction
+# counts, no GPU run yet): about -30% of the attention backward at ViT-L/16-384 (N = 577, 651 ->
+# 452 us), none or negative at ViT-B/16 (N = 197, where the fp32 dQ traffic, which grows with N,
+# outweighs the saved GEMMs, which grow with N**2). The break-even lies between; 512 (8 key blocks of
+# 64) takes the fused kernel at N = 577 and above (ViT-L/16-384, SigLIP's 729) and leaves 197 and
+# 257 (ViT-H/14, not estimated) to the pair until ``python -m bench.gpu_check`` measures the switch-over.
+FUSED_BACKWARD_MIN_KEYS = 512
 
 
 def attention_grid(n_rows: int, batch_heads: int, block_rows: int) -> tuple[int]:
@@ -143,11 +154,39 @@ def _launch_forward(layout, q, k, v, mask, dropout_seed, scale, dropout_p, is_ca
     )
 
 
+def _fused_backward_fits(
+    head_dim: int, split: tuple[int, int] | None, dtype: torch.dtype, masked: bool, dropout: bool
+) -> bool:
+    """Whether the fused kernel's sm_90 code at these inputs was read clean (no spills; the tables in
+    ``attention_bwd_fused.py``): fp16/bf16 (TF32 spills 400-670 bytes), no dropout (its Philox in the
+    loop spills 100-440 bytes at every tile tried), ``head_dim`` (the larger of D, Dv) up to 64, and
+    65 to 80 where ``split`` (``_head_dim_split``) is 64 + 16 without a mask or causal (with them:
+    236-344 bytes). D = 96 (64 + 32) and 128 spill."""
+    if dtype not in (torch.float16, torch.bfloat16) or dropout:
+        return False
+    return head_dim <= 64 or (split == (64, 16) and not masked)
+
+
+def _fused_backward_wanted(keys_per_sequence: float, fits: bool, *tensors: torch.Tensor) -> bool:
+    """Whether the backward runs the fused kernel rather than the pair: for ``keys_per_sequence`` (the
+    mean over packed sequences) of at least ``FUSED_BACKWARD_MIN_KEYS``, where it ``fits``
+    (``_fused_backward_fits``), when every one of ``tensors`` (q, k, v, the upstream gradient, dK, dV)
+    has a contiguous head dim (the fused kernel takes no head-dim strides), and never under
+    ``torch.use_deterministic_algorithms(True)``: the order of its atomic dQ adds, hence dQ's rounding,
+    varies from run to run. The pair is deterministic."""
+    if torch.are_deterministic_algorithms_enabled() or not fits:
+        return False
+    if any(t.stride(-1) != 1 for t in tensors):
+        return False
+    return keys_per_sequence >= FUSED_BACKWARD_MIN_KEYS
+
+
 def _launch_backward(
     layout, grad_out, q, k, v, out, stats, mask, dropout_seed, scale, dropout_p, is_causal, allow_tf32,
     bias_needs_grad, grad_q, grad_k, grad_v, delta, grad_bias,
 ):
-    """Fill ``delta``, ``grad_q``, ``grad_k``, ``grad_v`` (and ``grad_bias``) with the backward kernels."""
+    """Fill ``delta``, ``grad_q``, ``grad_k``, ``grad_v`` (and ``grad_bias``) with the backward kernels:
+    the delta pre-pass, then the fused kernel or the pair (``_fused_backward_wanted``)."""
     constants = _kernel_constants(q, v, dropout_p, allow_tf32)
     constants["ROW_ALIGN"] = _row_align(q, k, v, out, grad_out, grad_q, grad_k, grad_v)
     padded_dv = constants["BLOCK_DV"]  # the delta pre-pass reads whole rows
@@ -169,6 +208,32 @@ def _launch_backward(
         HEAD_DIM_V=v.shape[-1], BLOCK_DV=padded_dv, ROW_ALIGN=constants["ROW_ALIGN"],
         BLOCK_M=_PREPASS_BLOCK_M,
     )
+
+    keys_per_sequence = k.shape[0] / layout.batch if layout.varlen else layout.seqlen_k
+    fits = _fused_backward_fits(
+        max(q.shape[-1], v.shape[-1]), split, q.dtype, mask is not None or is_causal, dropout_p > 0.0
+    )
+    if _fused_backward_wanted(keys_per_sequence, fits, q, k, v, grad_out, grad_k, grad_v):
+        # dQ's unscaled fp32 sums, (B, H, Nq, D) or packed (total_q, H, D), contiguous (the kernel
+        # derives their strides), zeros: the kernel only adds.
+        grad_q_sums = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+
+        def fused_grid(meta):
+            return attention_grid(layout.seqlen_k, layout.batch * layout.heads, meta["BLOCK_N"])
+
+        head_strides = [stride for t in (q, k, v) for stride in layout.strides(t)[:3]]
+        grad_strides = [stride for t in (grad_k, grad_v) for stride in layout.strides(t)[:3]]
+        torch.library.wrap_triton(_attention_backward_fused_kernel)[fused_grid](
+            q, k, v, mask_ptr, seed, grad_out, stats, delta, grad_q_sums, grad_k, grad_v,
+            grad_bias if bias_needs_grad else delta, *cu_seqlens,
+            *head_strides, *mask_strides, *layout.strides(grad_out)[:3], *grad_strides,
+            stride_stats, stride_stats_b, stride_stats_h, layout.heads, layout.seqlen_q, layout.seqlen_k,
+            scale, scale * LOG2E, dropout_p,
+            MASK_KIND=mask_kind, IS_CAUSAL=is_causal, BIAS_NEEDS_GRAD=bias_needs_grad, VARLEN=layout.varlen,
+            **constants,
+        )
+        grad_q.copy_(grad_q_sums.mul_(scale))  # rounded to q's dtype as the pair's dQ kernel rounds
+        return
 
     def kv_grid(meta):
         return attention_grid(layout.seqlen_k, layout.batch * layout.heads, meta["BLOCK_N"])

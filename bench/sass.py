@@ -92,6 +92,7 @@ SCORE_TILE = {
     "_attention_forward_kernel": ("BLOCK_M", "BLOCK_N"),
     "_attention_backward_kv_kernel": ("BLOCK_M", "BLOCK_N"),
     "_attention_backward_q_kernel": ("BLOCK_M", "BLOCK_N"),
+    "_attention_backward_fused_kernel": ("BLOCK_M", "BLOCK_N"),
 }
 FORWARD_KERNELS = {"_attention_forward_kernel", "_patch_embed_forward_kernel"}
 OPS = ("attention", "patch_embed")
@@ -166,14 +167,31 @@ def attention_launches(
     out = torch.empty(batch, tokens, heads, head_dim, **meta).permute(0, 2, 1, 3)  # (B, H, N, D)
     stats = torch.empty(2, batch, heads, tokens, device="meta", dtype=torch.float32)
     grad_out = torch.empty(batch, tokens, heads, head_dim, **meta).permute(0, 2, 1, 3)
-    launches += recorded(
-        lambda: attention.attention_backward._init_fn(
-            grad_out, q, k, v, out, stats, mask, seed, scale, dropout_p, is_causal, allow_tf32, bias_grad
+    launches += both_backward_paths(
+        lambda: recorded(
+            lambda: attention.attention_backward._init_fn(
+                grad_out, q, k, v, out, stats, mask, seed, scale, dropout_p, is_causal, allow_tf32, bias_grad
+            )
         )
     )
     if seed is not None:
         launches += recorded(lambda: attention.dropout_keep_mask(seed, (batch, heads, tokens, tokens), dropout_p))
     return launches
+
+
+def both_backward_paths(record) -> list:
+    """The backward's launches as a call chooses them, then those it makes under
+    ``torch.use_deterministic_algorithms(True)`` (the pair of kernels, where the default takes the
+    fused one with its atomic dQ) that it did not make already: every kernel a shape may compile."""
+    launches = record()
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        deterministic = record()
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+    seen = {id(kernel) for kernel, _, _ in launches}
+    return launches + [launch for launch in deterministic if id(launch[0]) not in seen]
 
 
 def varlen_launches(lengths, heads, head_dim, dtype, is_causal=False, dropout_p=0.0, allow_tf32=False) -> list:
@@ -191,8 +209,8 @@ def varlen_launches(lengths, heads, head_dim, dtype, is_causal=False, dropout_p=
     out = torch.empty(total, heads, head_dim, **meta)
     stats = torch.empty(2, heads, total, device="meta", dtype=torch.float32)
     grad_out = torch.empty(total, heads, head_dim, **meta)
-    launches += recorded(
-        lambda: attention.attention_varlen_backward._init_fn(grad_out, q, k, v, out, stats, *options)
+    launches += both_backward_paths(
+        lambda: recorded(lambda: attention.attention_varlen_backward._init_fn(grad_out, q, k, v, out, stats, *options))
     )
     return launches
 

@@ -138,9 +138,16 @@ def _backward_fused_block(
         )
     grad_logits_t = rounded_to(grad_logits_t, q_ptr, UPCAST_DOTS)
     grad_k = dot(grad_logits_t, tl.trans(q_t), grad_k, EXACT_FP32_DOTS, UPCAST_DOTS)
-    # This tile's share of dQ: dS^T k, (BLOCK_M, BLOCK_D), added to the rows' fp32 sums.
+    # This tile's share of dQ: dS^T k, (BLOCK_M, BLOCK_D), added to the rows' fp32 sums. The narrow
+    # last block (16 rows, ``_backward_fused_tail``) computes its transpose k^T dS, BLOCK_D rows: a
+    # wgmma needs 64 rows per warpgroup, and 16 would make it an mma.sync.
     grad_logits = tl.trans(grad_logits_t)
-    grad_q = dot(grad_logits, k, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+    if BLOCK_M < 64:
+        grad_q = tl.trans(
+            dot(tl.trans(k), grad_logits_t, tl.zeros([BLOCK_D, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+        )
+    else:
+        grad_q = dot(grad_logits, k, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
     _add_rows(grad_q_ptr, rows, grad_q_strides, seqlen_q, grad_q, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_LENGTH=MASKED)
     if SPLIT_D:
         grad_v_lo = dot(kept_probs_t, grad_out_lo, grad_v_lo, EXACT_FP32_DOTS, UPCAST_DOTS)
@@ -149,6 +156,47 @@ def _backward_fused_block(
         _add_rows(
             grad_q_ptr, rows, grad_q_strides, seqlen_q, grad_q_lo, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D_LO,
             CHECK_LENGTH=MASKED, D_START=BLOCK_D,
+        )
+    return grad_k, grad_v, grad_k_lo, grad_v_lo
+
+
+@triton.jit
+def _backward_fused_tail(
+    grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start, end,
+    q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, grad_q_ptr, grad_bias_ptr,
+    q_strides, grad_out_strides, mask_strides, grad_q_strides, stride_stats,
+    head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_NEEDS_GRAD: tl.constexpr,
+    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The query rows [start, end), fewer than BLOCK_M, as one masked block 16 rows wide where they
+    fit, else BLOCK_M (``_forward_tail``'s construction; N = 577 ends in 1 row). Not with the head dim
+    split: the second piece's dQ would be a 16 x 16 product, an mma.sync either way round."""
+    tail = end - start
+    if BLOCK_M > 16 and not SPLIT_D:  # noqa: SIM102 (a compile-time choice around a run-time one)
+        if tail <= 16:
+            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_fused_block(
+                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start,
+                q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, grad_q_ptr, grad_bias_ptr,
+                q_strides, grad_out_strides, mask_strides, grad_q_strides, stride_stats,
+                head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
+                EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
+                BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=16, BLOCK_N=BLOCK_N, MASKED=True,
+            )
+    if (tail > 16) | (BLOCK_M == 16) | SPLIT_D:
+        grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_fused_block(
+            grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start,
+            q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, grad_q_ptr, grad_bias_ptr,
+            q_strides, grad_out_strides, mask_strides, grad_q_strides, stride_stats,
+            head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+            HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+            IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
+            EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
+            BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
         )
     return grad_k, grad_v, grad_k_lo, grad_v_lo
 
@@ -258,8 +306,9 @@ def _attention_backward_fused_kernel(
     # block and for every block under a mask, causal or exact fp32 dots; the calls differ in where
     # they start and in MASKED only.
     if MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS:
-        lean_end = seqlen_q // BLOCK_M * BLOCK_M
-        for start_m in range(0, lean_end, BLOCK_M):
+        row_start = 0
+        whole_end = seqlen_q // BLOCK_M * BLOCK_M
+        for start_m in range(0, whole_end, BLOCK_M):
             grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_fused_block(
                 grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m,
                 q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, grad_q_ptr, grad_bias_ptr,
@@ -270,22 +319,12 @@ def _attention_backward_fused_kernel(
                 EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
                 BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False,
             )
-        if lean_end < seqlen_q:  # the last, partial row block
-            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_fused_block(
-                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, lean_end,
-                q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, grad_q_ptr, grad_bias_ptr,
-                q_strides, grad_out_strides, mask_strides, grad_q_strides, stride_stats,
-                head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
-                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
-                EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
-                BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
-            )
     else:
         row_start = 0
         if IS_CAUSAL:
             row_start = (col_block * BLOCK_N // BLOCK_M) * BLOCK_M  # rows above the block's first key see none of it
-        for start_m in range(row_start, seqlen_q, BLOCK_M):
+        whole_end = seqlen_q // BLOCK_M * BLOCK_M
+        for start_m in range(row_start, whole_end, BLOCK_M):
             grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_fused_block(
                 grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m,
                 q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, grad_q_ptr, grad_bias_ptr,
@@ -296,6 +335,17 @@ def _attention_backward_fused_kernel(
                 EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
                 BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
             )
+    if (whole_end < seqlen_q) & (row_start <= whole_end):  # the last, partial row block, narrowed
+        grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_fused_tail(
+            grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, whole_end, seqlen_q,
+            q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, grad_q_ptr, grad_bias_ptr,
+            q_strides, grad_out_strides, mask_strides, grad_q_strides, stride_stats,
+            head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+            HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+            IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
+            EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
+            BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        )
 
     _store_rows(
         grad_k_ptr, cols, grad_k_strides, seqlen_k, grad_k * scale, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,

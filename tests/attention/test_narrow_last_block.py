@@ -132,3 +132,22 @@ def test_packed_sequences_end_anywhere(is_causal, monkeypatch):
     if is_causal:
         lengths_k = lengths_q
     check_varlen(lengths_q, lengths_k, packed_inputs(lengths_q, lengths_k, 2, 32, f16), is_causal=is_causal)
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(69, 133), (80, 76), (100, 90)])
+def test_fused_backward_narrows_its_last_row_block(seqlen_q, seqlen_k, monkeypatch):
+    """The fused backward (forced; its 64-row blocks are the interpreter's): the last row block of at
+    most 16 rows runs 16 wide, its dQ as k^T dS; the output and every gradient against the reference."""
+    from kernels.triton import attention_bwd_fused, launch
+
+    monkeypatch.setattr(launch, "FUSED_BACKWARD_MIN_KEYS", 0)
+    helper, widths = attention_bwd_fused._backward_fused_block, []
+
+    def spy(*args, **kwargs):
+        widths.append((int(kwargs["BLOCK_M"]), bool(kwargs["MASKED"])))
+        return helper(*args, **kwargs)
+
+    monkeypatch.setattr(attention_bwd_fused, "_backward_fused_block", spy)
+    check_against_reference(make_inputs(1, 2, seqlen_q, seqlen_k, 32, f16), scale=0.3)
+    programs = 2 * triton.cdiv(seqlen_k, 32)  # heads x key blocks of the interpreter's config
+    assert widths == expected_blocks(seqlen_q, masked=False) * programs

@@ -23,6 +23,7 @@ cores; where the pinned toolchain cannot compile, the tests fail (tests/machine/
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -81,6 +82,14 @@ def reductions(code: list[tuple[int, str]], first: int, last: int) -> list[str]:
     ]
 
 
+def narrow_mmas(code: list[tuple[int, str]], first: int, last: int) -> tuple[int, int]:
+    """(inside [first, last], outside it) HGMMAs 16 columns wide: the narrow last block's (16 query
+    rows, ``_backward_fused_tail``), absent from the main loop where the head dim is whole."""
+    narrow = [address for address, text in code if re.match(r"HGMMA\.\d+x16x", sass._opcode(text))]
+    inside = sum(first <= address <= last for address in narrow)
+    return inside, len(narrow) - inside
+
+
 # ---------------------------------------------------------------------------------------------
 # Run in a subprocess (TRITON_INTERPRET=0): record, compile, read; one JSON line per compilation.
 
@@ -126,6 +135,7 @@ def _main(dtype_name: str) -> None:
                     if loop else None,
                     mma_groups=mma_groups(code, *loop) if loop else None,
                     reductions=reductions(code, *loop) if loop else [],
+                    narrow_mmas=narrow_mmas(code, *loop) if loop else None,
                 )
             result["seconds"] = round(time.perf_counter() - start, 2)
             print(json.dumps(result), flush=True)
@@ -217,6 +227,15 @@ def test_at_most_15_instructions_per_score(compiled, shape):
     entries = [e for e in compiled if e["shape"] == shape]
     over = [f"{_described(e)}: {e['per_score']}" for e in entries if e["per_score"] > MAX_PER_SCORE]
     assert entries and not over, "\n".join(over)
+
+
+def test_narrow_last_block_outside_the_main_loop(compiled):
+    """Where the head dim is whole, the 16-row last block's MMAs (dQ computed as k^T dS there, so
+    a wgmma too) lie outside the main loop, which has none; split, there is no narrow block."""
+    whole = [e for e in compiled if not e["split"]]
+    wrong = [f"{_described(e)}: 16-wide HGMMAs (inside, outside) the loop {e['narrow_mmas']}"
+             for e in whole if e["narrow_mmas"][0] != 0 or e["narrow_mmas"][1] == 0]
+    assert whole and not wrong, "\n".join(wrong)
 
 
 def test_split_head_dims_hold_their_measured_cost(compiled):

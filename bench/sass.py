@@ -583,6 +583,8 @@ def compile_shape(name: str, dtype_name: str, out: Path, arch: int = ARCH, ops=O
     """Compile every launch of ``ops`` at SHAPES[name] in ``dtype_name``; the SASS under ``out``; one entry each."""
     shape, dtype = SHAPES[name], DTYPES[dtype_name]
     entries = []
+    # The launches and the autotuners' pruning as on a GPU of this arch (the meta tensors have none).
+    sys.modules["kernels.triton.configs"].AHEAD_OF_TIME_ARCH = arch
     for kernel, args, kwargs in shape_launches(shape, dtype, ops):
         fn, configs = variants(kernel, args, kwargs)
         for config, num_warps, num_stages in configs:

@@ -16,6 +16,7 @@ from kernels.triton.configs import (
     _INTERPRETER_BACKWARD_Q_CONFIG,
     BACKWARD_KV_CONFIGS,
     BACKWARD_Q_CONFIGS,
+    SM100_SPILLS_AT_SPLIT,
     _pruner,
 )
 from kernels.triton.tiles import (
@@ -422,7 +423,7 @@ def _backward_q_tail(
 @triton.autotune(
     configs=autotune_configs(BACKWARD_Q_CONFIGS, _INTERPRETER_BACKWARD_Q_CONFIG),
     key=_AUTOTUNE_KEY + ["BIAS_NEEDS_GRAD"],
-    prune_configs_by={"early_config_prune": _pruner(_BACKWARD_Q_TABLE)},
+    prune_configs_by={"early_config_prune": _pruner(_BACKWARD_Q_TABLE, sm100_spills_at_split=SM100_SPILLS_AT_SPLIT["dq"])},
 )
 @triton.jit
 def _attention_backward_q_kernel(

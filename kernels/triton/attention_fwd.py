@@ -16,6 +16,7 @@ from kernels.triton.configs import (
     _FORWARD_TABLE,
     _INTERPRETER_FORWARD_CONFIG,
     FORWARD_CONFIGS,
+    SM100_SPILLS_AT_SPLIT,
     _pruner,
 )
 from kernels.triton.tiles import (
@@ -137,7 +138,7 @@ def _forward_tail(
 @triton.autotune(
     configs=autotune_configs(FORWARD_CONFIGS, _INTERPRETER_FORWARD_CONFIG),
     key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _pruner(_FORWARD_TABLE)},
+    prune_configs_by={"early_config_prune": _pruner(_FORWARD_TABLE, sm100_spills_at_split=SM100_SPILLS_AT_SPLIT["forward"])},
 )
 @triton.jit
 def _attention_forward_kernel(

@@ -73,6 +73,35 @@ _BACKWARD_Q_TABLE = [
 _BACKWARD_Q_WHOLE_TAIL = {(64, 64, 4, 2)}
 
 
+# The compute capability the pruners assume for tensors on no GPU: bench.sass's meta tensors (it sets
+# this to its --arch) and the interpreter's CPU tensors (which run one config, not the tables).
+AHEAD_OF_TIME_ARCH = 90
+
+
+def target_arch(tensor: torch.Tensor) -> int:
+    """The compute capability (major * 10 + minor) the kernels compile for with ``tensor``: its GPU's,
+    or AHEAD_OF_TIME_ARCH for a tensor on no GPU."""
+    if tensor.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(tensor.device)
+        return major * 10 + minor
+    return AHEAD_OF_TIME_ARCH
+
+
+def is_sm100(arch: int) -> bool:
+    """Data-centre Blackwell (sm_100, sm_103: tcgen05 MMA), whose ptxas allocates registers differently
+    from Hopper's: some tiles clean on sm_90 spill there."""
+    return 100 <= arch < 110
+
+
+# Tiles the sm_90 rows try that spill on sm_100 at a split head dim (72, 80: ptxas-blackwell 12.9,
+# ``python -m bench.sass --arch 100`` at ViT-H/14 and SigLIP, bf16): the forward's 128x64 with 4
+# warps (168-172 bytes), dQ's 128x64 with 8 (8-16 bytes). Left out there.
+SM100_SPILLS_AT_SPLIT = {
+    "forward": frozenset({(128, 64, 4, 3)}),
+    "dq": frozenset({(128, 64, 8, 2)}),
+}
+
+
 def _configs(table, whole_tail=None) -> list[triton.Config]:
     """The table's configs; with ``whole_tail`` (a set of its rows' tiles) each says NARROW_TAIL."""
     return [
@@ -85,7 +114,7 @@ def _configs(table, whole_tail=None) -> list[triton.Config]:
     ]
 
 
-def _pruner(table, split_as_padded=False):
+def _pruner(table, split_as_padded=False, sm100_spills_at_split=frozenset()):
     """An ``early_config_prune`` keeping the configs ``table`` lists for the launch's dot kind and
     BLOCK_D (F16_MASKED rows too under a mask, causal or dropout, and then those of at most 16
     scores per thread, if any). With the head dim split (SPLIT_D), BLOCK_D is its first piece;
@@ -95,8 +124,9 @@ def _pruner(table, split_as_padded=False):
 
     A pure function of autotune-key arguments (q's dtype, HEAD_DIM, HEAD_DIM_V, MASK_KIND,
     IS_CAUSAL, HAS_DROPOUT, EXACT_FP32_DOTS), cheap, and plain Python: Triton's autotuner calls it,
-    and so does torch.compile's tracing of the custom ops. A config the table does not name (a
-    test's own) is kept; if nothing is left, every config is.
+    and so does torch.compile's tracing of the custom ops. On sm_100 (``target_arch`` of q) the
+    tiles of ``sm100_spills_at_split`` are left out at a split head dim. A config the table does not
+    name (a test's own) is kept; if nothing is left, every config is.
     """
     tried_at = {(block_m, block_n, warps, stages): kinds for block_m, block_n, warps, stages, kinds in table}
     split_rows = {piece for kinds in tried_at.values() for piece in kinds.get(F16_SPLIT, ())}
@@ -122,6 +152,11 @@ def _pruner(table, split_as_padded=False):
             return kinds is None or any(block_d in kinds.get(k, ()) for k in kinds_tried)
 
         kept = [config for config in configs if tried(config)] or configs
+        if arguments.get("SPLIT_D") and is_sm100(target_arch(arguments["q_ptr"])):
+            kept = [
+                c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                not in sm100_spills_at_split
+            ] or kept
         if masked:
             light = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 16 * 32 * c.num_warps]
             kept = light or kept

@@ -21,6 +21,8 @@ from kernels.triton.configs import (
     MASK_BIAS,
     MASK_BOOL,
     MASK_NONE,
+    is_sm100,
+    target_arch,
 )
 from kernels.triton.utils import INTERPRETING
 
@@ -155,16 +157,17 @@ def _launch_forward(layout, q, k, v, mask, dropout_seed, scale, dropout_p, is_ca
 
 
 def _fused_backward_fits(
-    head_dim: int, split: tuple[int, int] | None, dtype: torch.dtype, masked: bool, dropout: bool
+    head_dim: int, split: tuple[int, int] | None, dtype: torch.dtype, masked: bool, dropout: bool, arch: int = 90,
 ) -> bool:
     """Whether the fused kernel's sm_90 code at these inputs was read clean (no spills; the tables in
     ``attention_bwd_fused.py``): fp16/bf16 (TF32 spills 400-670 bytes), no dropout (its Philox in the
     loop spills 100-440 bytes at every tile tried), ``head_dim`` (the larger of D, Dv) up to 64, and
     65 to 80 where ``split`` (``_head_dim_split``) is 64 + 16 without a mask or causal (with them:
-    236-344 bytes). D = 96 (64 + 32) and 128 spill."""
+    236-344 bytes). D = 96 (64 + 32) and 128 spill. On sm_100 (``arch``) the split 64 + 16 spills
+    too (148 bytes at SigLIP, ptxas-blackwell 12.9): D up to 64 only."""
     if dtype not in (torch.float16, torch.bfloat16) or dropout:
         return False
-    return head_dim <= 64 or (split == (64, 16) and not masked)
+    return head_dim <= 64 or (split == (64, 16) and not masked and not is_sm100(arch))
 
 
 def _fused_backward_wanted(keys_per_sequence: float, fits: bool, *tensors: torch.Tensor) -> bool:
@@ -211,7 +214,7 @@ def _launch_backward(
 
     keys_per_sequence = k.shape[0] / layout.batch if layout.varlen else layout.seqlen_k
     fits = _fused_backward_fits(
-        max(q.shape[-1], v.shape[-1]), split, q.dtype, mask is not None or is_causal, dropout_p > 0.0
+        max(q.shape[-1], v.shape[-1]), split, q.dtype, mask is not None or is_causal, dropout_p > 0.0, target_arch(q)
     )
     if _fused_backward_wanted(keys_per_sequence, fits, q, k, v, grad_out, grad_k, grad_v):
         # dQ's unscaled fp32 sums, (B, H, Nq, D) or packed (total_q, H, D), contiguous (the kernel

@@ -64,3 +64,24 @@ def test_dq_tiles_say_whether_their_last_block_is_narrow():
                for c in configs.BACKWARD_Q_CONFIGS}
     assert by_tile[(64, 64, 4, 2)] is False
     assert all(by_tile[tile] for tile in by_tile if tile not in configs._BACKWARD_Q_WHOLE_TAIL)
+
+
+def test_sm_100_leaves_out_what_spills_there(monkeypatch):
+    """On sm_100 (here: ahead of time, as bench.sass --arch 100 sets it) the split head dims drop the
+    forward's 128x64/4-warp and dQ's 128x64/8-warp tiles, and the fused backward; sm_90 keeps them."""
+    from kernels.triton.launch import _fused_backward_fits
+
+    dq = configs._pruner(configs._BACKWARD_Q_TABLE, sm100_spills_at_split=configs.SM100_SPILLS_AT_SPLIT["dq"])
+    forward_100 = configs._pruner(configs._FORWARD_TABLE, sm100_spills_at_split=configs.SM100_SPILLS_AT_SPLIT["forward"])
+    split = launch(split=(64, 16))
+    assert configs.target_arch(split["q_ptr"]) == 90
+    assert (128, 64, 4, 3) in tiles(forward_100(configs.FORWARD_CONFIGS, split))
+    assert (128, 64, 8, 2) in tiles(dq(configs.BACKWARD_Q_CONFIGS, split))
+    monkeypatch.setattr(configs, "AHEAD_OF_TIME_ARCH", 100)
+    assert configs.target_arch(split["q_ptr"]) == 100
+    assert (128, 64, 4, 3) not in tiles(forward_100(configs.FORWARD_CONFIGS, split))
+    assert (128, 64, 8, 2) not in tiles(dq(configs.BACKWARD_Q_CONFIGS, split))
+    assert (128, 64, 4, 3) in tiles(forward_100(configs.FORWARD_CONFIGS, launch()))  # D = 64: all kept
+    assert _fused_backward_fits(80, (64, 16), torch.bfloat16, False, False, arch=90)
+    assert not _fused_backward_fits(80, (64, 16), torch.bfloat16, False, False, arch=100)
+    assert _fused_backward_fits(64, None, torch.bfloat16, False, False, arch=100)

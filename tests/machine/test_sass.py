@@ -56,7 +56,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # every test here reads
 # The compiled kernels.
 
 
-def run_bench_sass(jobs: list[tuple[Path, str, tuple, tuple]], progress: Progress) -> list[tuple[Path, int, str]]:
+def run_bench_sass(
+    jobs: list[tuple[Path, str, tuple, tuple]], progress: Progress, arch: int = sass.ARCH
+) -> list[tuple[Path, int, str]]:
     """``python -m bench.sass`` for each (out, op, shapes, dtypes), two at a time (each compiles on one
     core), with a line on the terminal as each (shape, dtype) is done: [(out, exit status, stderr)].
 
@@ -68,7 +70,7 @@ def run_bench_sass(jobs: list[tuple[Path, str, tuple, tuple]], progress: Progres
         while pending or running:
             while pending and len(running) < 2:  # the compiles are single-threaded: two at a time
                 out, op, shapes, dtypes = pending.pop(0)
-                command = [sys.executable, "-m", "bench.sass", "--op", op, "--out", str(out)]
+                command = [sys.executable, "-m", "bench.sass", "--arch", str(arch), "--op", op, "--out", str(out)]
                 command += [word for shape in shapes for word in ("--shape", shape)]
                 command += [word for dtype in dtypes for word in ("--dtype", dtype)]
                 stderr = files.enter_context(tempfile.TemporaryFile("w+"))

@@ -567,3 +567,26 @@ def test_rule_rejects_a_fallback_that_scales_after_the_softmax(dtype):
     assert_matches_oracle(q, k, v)
     with pytest.raises(AssertionError, match="max error"):
         assert_matches_oracle(q, k, v, fallback=fallback_scaled_after_softmax)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_activation_checkpointing(is_causal):
+    """Under torch.utils.checkpoint (non-reentrant), which lets the backward unpack each saved
+    tensor once: the same gradients as without it (the backward reads its saved tensors once)."""
+    import torch.utils.checkpoint
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 37, 16, generator=generator, dtype=torch.float64) for _ in range(3))
+
+    def grads(checkpointed):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+        def run(*tensors):
+            return kernels.attention(*tensors, is_causal=is_causal, backend="einsum")
+
+        out = torch.utils.checkpoint.checkpoint(run, *leaves, use_reentrant=False) if checkpointed else run(*leaves)
+        out.square().sum().backward()
+        return [t.grad for t in leaves]
+
+    for plain, checkpointed in zip(grads(False), grads(True)):
+        torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)

@@ -181,7 +181,8 @@ def _logits(q, k, bias, mask, is_causal: bool, rows: slice, buffer: torch.Tensor
         logits = logits.masked_fill_(~mask, float("-inf")) if buffer is not None else logits.masked_fill(~mask, float("-inf"))
     if is_causal:  # query first + i sees keys j <= first + i
         n_rows, n_keys = logits.shape[-2:]
-        later = torch.ones(n_rows, n_keys, dtype=torch.bool, device=logits.device).triu((rows.start or 0) + 1)
+        # new_ones, not torch.ones: a DTensor's logits get a (replicated) DTensor mask to meet.
+        later = logits.new_ones((n_rows, n_keys), dtype=torch.bool).triu((rows.start or 0) + 1)
         logits = logits.masked_fill_(later, float("-inf"))
     return logits
 
@@ -219,13 +220,19 @@ class _ChunkedAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, bias, mask, out, row_max, log_sum)
         ctx.save_for_forward(q, k, v, bias, mask, out, row_max, log_sum)
         ctx.settings = (is_causal, dropout_p, seed)
+        # An unused output's gradient comes as None, made below like the output: autograd's own zeros
+        # would be plain tensors where the outputs are DTensors.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_max, grad_log_sum):
-        q, k, v, bias, _, out, _, log_sum = ctx.saved_tensors
+        saved = ctx.saved_tensors  # once: under torch.utils.checkpoint each read unpacks them again
+        q, k, v, bias, _, out, _, log_sum = saved
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        grad_log_sum = torch.zeros_like(log_sum) if grad_log_sum is None else grad_log_sum
         shape = (*q.shape[:3], k.shape[2])
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        plain = _plain((grad_out, grad_log_sum, *ctx.saved_tensors))
+        plain = _plain((grad_out, grad_log_sum, *saved))
         low = plain and v.dtype != q.dtype  # a bfloat16 v: see above
         v_, grad_out_ = v.to(q.dtype), grad_out.to(q.dtype)
         # p = exp2(logit - max) / sum = e / sum, and in base 2 dp/dlogit carries ln 2:
@@ -241,7 +248,7 @@ class _ChunkedAttention(torch.autograd.Function):
         rounding = _scratch(shape, v) if low else None
 
         def chunk(batch, heads, rows, index):
-            e, dropped = _exp_logits(ctx, batch, heads, rows, index, buffers[0])  # (b, h, rows, Nk)
+            e, dropped = _exp_logits(saved, ctx.settings, batch, heads, rows, index, buffers[0])  # (b, h, rows, Nk)
             kept = e if dropped is None else e * dropped
             inv_sum_ = _piece(inv_sum, batch, heads, rows)
             if low and whole_rows:  # p rounded to bfloat16 once, grad_out as it came
@@ -273,7 +280,8 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, q_t, k_t, v_t, bias_t, *_):
-        q, k, v, _, _, out, _, log_sum = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        q, k, v, _, _, out, _, log_sum = saved
         inv_sum = torch.exp2(-log_sum)
         # The logits' tangent in natural units (ln2 * base-2): ln2 goes on the Nq x D tangents.
         q_t, k_t = ((torch.zeros_like(t) if t_t is None else t_t * LN2) for t, t_t in ((q, q_t), (k, k_t)))
@@ -281,7 +289,7 @@ class _ChunkedAttention(torch.autograd.Function):
         v_t = torch.zeros_like(v) if v_t is None else v_t.to(q.dtype)
 
         def chunk(batch, heads, rows, index):
-            e, dropped = _exp_logits(ctx, batch, heads, rows, index, None)
+            e, dropped = _exp_logits(saved, ctx.settings, batch, heads, rows, index, None)
             weights = e * _piece(inv_sum, batch, heads, rows)
             k_, k_t_ = _piece(k, batch, heads), _piece(k_t, batch, heads)
             logits_t = _piece(q_t, batch, heads, rows) @ k_.transpose(-1, -2) + _piece(q, batch, heads, rows) @ k_t_.transpose(-1, -2)
@@ -337,10 +345,11 @@ def _forward(q, k, v, bias, mask, is_causal: bool, dropout_p: float, seed: int |
     return out.div_(divisor) if plain else out / divisor, row_max, row_sum.log2()
 
 
-def _exp_logits(ctx, batch, heads, rows, index, buffer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A chunk's exp2(logit - row max) made again, and its dropout multiplier keep / (1 - p) or None."""
-    q, k, _, bias, mask, _, row_max, _ = ctx.saved_tensors
-    is_causal, dropout_p, seed = ctx.settings
+def _exp_logits(saved, settings, batch, heads, rows, index, buffer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chunk's exp2(logit - row max) made again, and its dropout multiplier keep / (1 - p) or None,
+    from the saved tensors and settings of ``_ChunkedAttention``."""
+    q, k, _, bias, mask, _, row_max, _ = saved
+    is_causal, dropout_p, seed = settings
     logits = _logits(_piece(q, batch, heads, rows), _piece(k, batch, heads), _piece(bias, batch, heads, rows),
                      _piece(mask, batch, heads, rows), is_causal, rows, buffer)
     e = logits.sub_(_piece(row_max, batch, heads, rows)).exp2_()

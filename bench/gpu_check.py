@@ -20,6 +20,11 @@ a phase the clock stopped says so, and a second run, with Triton's cache warm, g
    windows (forward) against an SDPA call per image, SDPA with a block-diagonal mask, compiled
    FlexAttention with a document mask and flash-attn's varlen function when importable.
 4. The patch projection at ViT-B/16 (B=256) against Conv2d + flatten + cat + add, and at B=1.
+5. Many GPUs, with 2 or more: the engine checks of tests/distributed/test_engines.py (DDP, FSDP2,
+   FSDP2 with checkpointing, tensor parallel, torch.compile over DDP and FSDP2; FSDP2 x TP with 4
+   GPUs) on CUDA with NCCL, one process per GPU, the Triton kernels compiled: tiny models against
+   one process, the same code as on CPU, not a scaling figure. Its own time (``--engines-timeout``,
+   240 s), after the budget; with one GPU, a row saying it did not run.
 Then a markdown table (time, TFLOP/s, the fastest peer's time over each provider's, the fraction
 of the roofline measured by ``bench.roofline``) for bench/RESULTS.md. A peer that fails is
 recorded with its error, not fatal. Timing is ``triton.testing.do_bench`` (CUDA events, median),
@@ -422,6 +427,46 @@ def time_patch_embed(clock: Clock, limits) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. Many GPUs: the distributed engines.
+
+ENGINE_ROW = "4, 2, 17, 16"  # tests/distributed/engines_worker.py's tiny models: batch, heads, tokens, head dim
+
+
+def engine_cases(world: int) -> list[str]:
+    """engine:model:backend:compile, as tests/distributed/test_engines.py names them: the 1-D meshes
+    on 2 GPUs, FSDP2 x TP on a 2 x 2 mesh when ``world`` is 4."""
+    if world == 4:
+        return [f"fsdp2_tp:{model}:triton:none" for model in ("timm", "vit")]
+    plain = [f"{e}:{m}:triton:none" for e in ("ddp", "fsdp2", "fsdp2_checkpoint", "tp") for m in ("timm", "vit")]
+    return plain + [f"{e}:timm:triton:{c}" for e in ("ddp", "fsdp2") for c in ("aot_eager", "inductor")]
+
+
+def check_engines(timeout_s: float) -> list[dict]:
+    """One correctness row per engine case, or one row saying why none ran. Each process group is
+    started as torchrun would (``tests.distributed.engines_worker.launch``), one rank per GPU."""
+    import tempfile
+
+    from tests.distributed.engines_worker import launch
+
+    gpus = torch.cuda.device_count()
+    if gpus < 2 or timeout_s <= 0:
+        why = f"needs 2 CUDA GPUs, found {gpus}" if gpus < 2 else "--engines-timeout 0"
+        return [{"shape": "distributed engines", "B, H, N, D": ENGINE_ROW, "result": f"not run: {why}"}]
+    rows, deadline = [], time.perf_counter() + timeout_s
+    for world in (2, 4) if gpus >= 4 else (2,):
+        cases = engine_cases(world)
+        try:
+            with tempfile.TemporaryDirectory() as out:
+                results = launch(world, cases, Path(out), max(deadline - time.perf_counter(), 1), device="cuda")
+        except TimeoutError as error:
+            results = dict.fromkeys(cases, f"ERROR: {_one_line(error, 300)}")
+        for case, result in results.items():
+            text = "pass" if result == "ok" else (result if result.startswith("ERROR") else f"FAIL: {_one_line(Exception(result), 300)}")
+            rows.append({"shape": f"{case} ({world} GPUs, NCCL)", "B, H, N, D": ENGINE_ROW, "result": text})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # The report.
 
 
@@ -454,6 +499,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=300.0, help="seconds for the three phases (default 300)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "gpu_check.md")
+    parser.add_argument("--engines-timeout", type=float, default=240.0,
+                        help="seconds for phase 5, the distributed engines on 2+ GPUs (default 240; 0 skips it)")
     options = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.gpu_check: no CUDA GPU here (torch.cuda.is_available() is False): nothing checked or timed",
@@ -482,6 +529,8 @@ def main(argv=None) -> int:
     timings += varlen_timings
     print(f"varlen checked and timed at {clock.elapsed():.0f} s", flush=True)
     timings += time_patch_embed(clock, limits)
+    correctness += check_engines(options.engines_timeout)
+    print(f"distributed engines checked at {clock.elapsed():.0f} s", flush=True)
     header = [
         (f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "
          f"CUDA {torch.version.cuda}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"),

@@ -133,13 +133,23 @@ def _check_attention_inputs(op, q, k, v, mask, scale, dropout_p, is_causal):
 _checked_cu_seqlens = torch.utils.weak.WeakTensorKeyDictionary()
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor, or a DTensor's whole value (which ``.tolist()`` refuses: cu_seqlens are replicated)."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            return tensor.full_tensor()
+    return tensor
+
+
 def _cu_seqlens_facts(op: str, name: str, cu_seqlens: torch.Tensor, total: int) -> tuple[int, int]:
     """(number of sequences, longest length) of a checked cu_seqlens, read back once."""
     key = (cu_seqlens._version, cu_seqlens.numel(), total)
     known = _checked_cu_seqlens.get(cu_seqlens)
     if known is not None and known[0] == key:
         return known[1]
-    values = cu_seqlens.tolist()
+    values = _whole(cu_seqlens).tolist()
     if values[0] != 0:
         raise ValueError(f"{op}: expected {name} to start at 0, got {values[0]}")
     lengths = [b - a for a, b in itertools.pairwise(values)]

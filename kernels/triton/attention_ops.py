@@ -389,3 +389,9 @@ def attention_varlen_triton(
         )
         keeps.append(keep[0])
     return out, keeps
+
+
+# DTensor sharding rules of the four ops (kernels/triton/sharding.py).
+from kernels.triton import sharding
+
+sharding.register("attention_forward", "attention_backward", "attention_varlen_forward", "attention_varlen_backward")

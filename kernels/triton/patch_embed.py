@@ -556,3 +556,9 @@ def patch_embed_triton(
     Inputs are checked by ``kernels.dispatch.patch_embed``, which calls this.
     """
     return patch_embed_forward(images, weight, bias, cls_token, pos_embed)
+
+
+# DTensor sharding rules of the three ops (kernels/triton/sharding.py).
+from kernels.triton import sharding
+
+sharding.register("patch_embed_forward", "patch_embed_grad_weight", "patch_embed_grad_images")

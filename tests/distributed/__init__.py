@@ -1,0 +1,74 @@
+"""The kernels under PyTorch's distributed stack: DTensor sharding, context parallelism, the engines.
+
+The tests here start gloo process groups on the CPU (marked ``slow`` and ``subprocess``), the ranks
+started as torchrun starts them, with a time limit: ``launch`` runs ``python -m <test module>
+CHECK...`` on every rank, whose ``__main__`` calls ``main`` with the module's table of checks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WORLD = 2
+TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(module: str, checks: list[str], timeout_s: float = TIMEOUT_S) -> None:
+    """Run ``checks`` of ``python -m module`` on WORLD gloo ranks (Triton's interpreter on); fail with
+    every failed rank's log tail if any rank fails, or if they run past ``timeout_s``."""
+    environment = {
+        **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD),
+        "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", module, *checks], env={**environment, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(WORLD)
+    ]
+    deadline, logs = time.monotonic() + timeout_s, []
+    try:
+        for process in ranks:
+            logs.append(process.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
+    except subprocess.TimeoutExpired:
+        for process in ranks:
+            process.kill()
+        pytest.fail(f"{module} {checks}: ranks still running after {timeout_s} s")
+    failed = [rank for rank, process in enumerate(ranks) if process.returncode != 0]
+    if failed:
+        tails = "\n".join(f"--- rank {rank}:\n{logs[rank][-3000:]}" for rank in failed)
+        pytest.fail(f"{module} {checks}: rank(s) {failed} failed\n{tails}")
+
+
+def main(names: list[str], checks: dict[str, Callable]) -> None:
+    """One rank: each named check, called with a 1-D mesh of the gloo group; the first failure ends it (exit 1)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for name in names:
+            start = time.monotonic()
+            checks[name](mesh)
+            print(f"rank {dist.get_rank()}: {name} ok ({time.monotonic() - start:.1f} s)", flush=True)
+    finally:
+        dist.destroy_process_group()

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
+from kernels.triton.configs import is_sm100, target_arch
 from kernels.triton.utils import INTERPRETING, autotune_configs, dot, rounded_to
 
 
@@ -85,6 +86,29 @@ def _autotuned(names: tuple[str, str, str], sizes=_TILE_SIZES) -> list[triton.Co
 # 16 bits at a time). Those tiles are tried only at patches of whole vectors (16: none spills); at
 # patch 14 the 64-accumulator tiles remain (128x128 with 8 warps, 128x64 and 64x128 with 4, 64x64).
 _MOST_ACCUMULATORS_AT_RAGGED_PATCH = 64  # per thread
+
+
+# Tiles that spill on sm_100 (ptxas-blackwell 12.9, ``python -m bench.sass --arch 100``, bf16), by
+# kernel and by whether the patch rows are whole 16-byte vectors (patch 16) or not (14): the tile's
+# three blocks in the kernel's names order, and its warps. grad_weight at patch 16: 224-368 bytes,
+# at 14: 32-48; grad_images at 16: 16. Left out on sm_100 (``configs.target_arch``); sm_90 keeps them.
+_SM100_SPILLS = {
+    "grad_weight": {True: {(128, 256, 64, 8), (256, 128, 64, 8), (128, 128, 32, 4)}, False: {(64, 128, 64, 4)}},
+    "grad_images": {True: {(128, 64, 64, 4)}, False: set()},
+}
+
+
+def _sm100_pruner(kernel: str, names: tuple[str, str, str], then=None):
+    """An ``early_config_prune`` leaving out, on sm_100, the tiles of ``_SM100_SPILLS[kernel]``; then ``then``."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        arguments = {**named_args, **kwargs}
+        if is_sm100(target_arch(arguments["grad_ptr"])):
+            spills = _SM100_SPILLS[kernel][arguments["PATCH"] % 8 == 0]
+            configs = [c for c in configs if (*(c.kwargs[n] for n in names), c.num_warps) not in spills] or configs
+        return configs if then is None else then(configs, named_args, **kwargs)
+
+    return prune
 
 
 def _prune_grad_images(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -221,7 +245,10 @@ def _patch_embed_forward_kernel(
         )
 
 
-@triton.autotune(configs=_autotuned(_GRAD_WEIGHT_NAMES), key=["n_rows", "dim", "CHANNELS", "PATCH"])
+@triton.autotune(
+    configs=_autotuned(_GRAD_WEIGHT_NAMES), key=["n_rows", "dim", "CHANNELS", "PATCH"],
+    prune_configs_by={"early_config_prune": _sm100_pruner("grad_weight", _GRAD_WEIGHT_NAMES)},
+)
 @triton.jit
 def _patch_embed_grad_weight_kernel(
     grad_ptr, images_ptr, out_ptr,
@@ -268,7 +295,7 @@ def _patch_embed_grad_weight_kernel(
 
 @triton.autotune(
     configs=_autotuned(_GRAD_IMAGES_NAMES), key=["n_rows", "dim", "CHANNELS", "PATCH"],
-    prune_configs_by={"early_config_prune": _prune_grad_images},
+    prune_configs_by={"early_config_prune": _sm100_pruner("grad_images", _GRAD_IMAGES_NAMES, _prune_grad_images)},
 )
 @triton.jit
 def _patch_embed_grad_images_kernel(

@@ -121,3 +121,26 @@ def test_grad_images_pruning_keeps_a_config(patch):
     accumulators = [c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps) for c in kept]
     assert kept and max(accumulators) == (64 if patch == 14 else 128)
     assert len(kept) == (4 if patch == 14 else len(configs))
+
+
+@pytest.mark.parametrize("patch", [14, 16])
+def test_sm_100_leaves_out_the_tiles_that_spill_there(patch, monkeypatch):
+    """On sm_100 (ahead of time, as bench.sass --arch 100 sets it) grad_weight and grad_images drop
+    the tiles of ``_SM100_SPILLS``; on sm_90 (the default for tensors on no GPU) they keep them."""
+    import torch
+
+    patch_embed = importlib.import_module("kernels.triton.patch_embed")
+    configs = importlib.import_module("kernels.triton.configs")
+    grad = torch.empty(0)
+    for kernel, names in (("grad_weight", patch_embed._GRAD_WEIGHT_NAMES), ("grad_images", patch_embed._GRAD_IMAGES_NAMES)):
+        every = patch_embed._configs(patch_embed._TILE_SIZES, names)
+        prune = patch_embed._sm100_pruner(kernel, names)
+        spills = patch_embed._SM100_SPILLS[kernel][patch % 8 == 0]
+
+        def tiles(kept, names=names):
+            return {(*(c.kwargs[n] for n in names), c.num_warps) for c in kept}
+
+        assert tiles(prune(every, {"grad_ptr": grad, "PATCH": patch})) == tiles(every)
+        monkeypatch.setattr(configs, "AHEAD_OF_TIME_ARCH", 100)
+        assert tiles(prune(every, {"grad_ptr": grad, "PATCH": patch})) == tiles(every) - spills
+        monkeypatch.setattr(configs, "AHEAD_OF_TIME_ARCH", 90)

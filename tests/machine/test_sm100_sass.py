@@ -2,12 +2,13 @@
 
 ``python -m bench.sass --arch 100`` compiles with Triton's bundled ptxas-blackwell for sm_100a, with
 the launches and pruning a B200 would make (``kernels.triton.configs.target_arch``): every attention
-config the autotuner may try must use tcgen05 MMA (UTCHMMA), no wgmma and no mma.sync, and spill
-nothing. The sm_90 tables are sm_100's but for the tiles that spill there
-(``SM100_SPILLS_AT_SPLIT``; the fused backward at a split head dim), which tests/machine/test_sass.py
-shows leaves sm_90 unchanged. Compiled: bf16 at ViT-B/16 (head dim 64, as ViT-L/16-384) and SigLIP
-(72 = 64 + 16, as ViT-H/14's 80), about 1.5 minutes on 2 cores. Not yet: fp16, the patch
-projection (three weight-gradient tiles spill on sm_100), a warp-specialised forward.
+config and patch-projection config the autotuner may try must use tcgen05 MMA (UTCHMMA), no wgmma
+and no mma.sync, and spill nothing. The sm_90 tables are sm_100's but for the tiles that spill there
+(``SM100_SPILLS_AT_SPLIT``, the fused backward at a split head dim, the patch projection's
+``_SM100_SPILLS``), which tests/machine/test_sass.py and test_patch_embed_sass.py show leave sm_90
+unchanged. Compiled: bf16 at ViT-B/16 (head dim 64 as ViT-L/16-384, patch 16) and SigLIP (72 = 64
++ 16 as ViT-H/14's 80, patch 14), about 2 minutes on 2 cores. Not yet: fp16, a warp-specialised
+forward.
 """
 
 import json
@@ -27,8 +28,9 @@ def compiled(request, tmp_path_factory) -> list[dict]:
     import_triton()
     out = tmp_path_factory.mktemp("sass100")
     progress = Progress(request.config, "tests/machine/test_sm100_sass.py, sm_100:")
-    progress(f"compiling the attention kernels at {', '.join(SHAPES)}, bf16")
-    finished = run_bench_sass([(out / shape, "attention", (shape,), ("bf16",)) for shape in SHAPES], progress, arch=100)
+    progress(f"compiling the attention kernels and the patch projection at {', '.join(SHAPES)}, bf16")
+    jobs = [(out / f"{op}-{shape}", op, (shape,), ("bf16",)) for op in ("attention", "patch_embed") for shape in SHAPES]
+    finished = run_bench_sass(jobs, progress, arch=100)
     entries = []
     for run_out, returncode, stderr in finished:
         if returncode == sass.EXIT_CANNOT_COMPILE:
@@ -45,6 +47,7 @@ def _described(entry) -> str:
 
 def test_every_kernel_compiles_for_sm_100(compiled):
     assert {e["shape"] for e in compiled} == set(SHAPES) and all(e["arch"] == 100 for e in compiled)
+    assert {"_patch_embed_grad_weight_kernel", "_attention_forward_kernel"} <= {e["kernel"] for e in compiled}
     failed = [f"{_described(e)}: {e['error']}" for e in compiled if "error" in e]
     assert not failed, "\n".join(failed)
 
@@ -75,3 +78,6 @@ def test_sm_100_pruning_leaves_out_the_tiles_that_spill_there(compiled):
     whole = {(e["kernel"], e["config"].get("BLOCK_M"), e["config"].get("BLOCK_N"), e["config"]["num_warps"])
              for e in compiled if e["shape"] == "vit_b16"}
     assert ("_attention_forward_kernel", 128, 64, 4) in whole
+    grad_weight_16 = {(e["config"]["BLOCK_D"], e["config"]["BLOCK_K"], e["config"]["BLOCK_M"], e["config"]["num_warps"])
+                      for e in compiled if e["shape"] == "vit_b16" and e["kernel"] == "_patch_embed_grad_weight_kernel"}
+    assert grad_weight_16 and not grad_weight_16 & {(128, 256, 64, 8), (256, 128, 64, 8), (128, 128, 32, 4)}

@@ -6,9 +6,9 @@ config and patch-projection config the autotuner may try must use tcgen05 MMA (U
 and no mma.sync, and spill nothing. The sm_90 tables are sm_100's but for the tiles that spill there
 (``SM100_SPILLS_AT_SPLIT``, the fused backward at a split head dim, the patch projection's
 ``_SM100_SPILLS``), which tests/machine/test_sass.py and test_patch_embed_sass.py show leave sm_90
-unchanged. Compiled: bf16 at ViT-B/16 (head dim 64 as ViT-L/16-384, patch 16) and SigLIP (72 = 64
-+ 16 as ViT-H/14's 80, patch 14), about 2 minutes on 2 cores. Not yet: fp16, a warp-specialised
-forward.
+unchanged. Compiled: bf16 and fp16 at ViT-B/16 (head dim 64 as ViT-L/16-384, patch 16) and SigLIP
+(72 = 64 + 16 as ViT-H/14's 80, patch 14), about 3 minutes on 2 cores. Not yet: the other two
+shapes (the same head-dim blocks and patches), a warp-specialised forward, FP8.
 """
 
 import json
@@ -28,8 +28,8 @@ def compiled(request, tmp_path_factory) -> list[dict]:
     import_triton()
     out = tmp_path_factory.mktemp("sass100")
     progress = Progress(request.config, "tests/machine/test_sm100_sass.py, sm_100:")
-    progress(f"compiling the attention kernels and the patch projection at {', '.join(SHAPES)}, bf16")
-    jobs = [(out / f"{op}-{shape}", op, (shape,), ("bf16",)) for op in ("attention", "patch_embed") for shape in SHAPES]
+    progress(f"compiling the attention kernels and the patch projection at {', '.join(SHAPES)}, bf16 and fp16")
+    jobs = [(out / f"{op}-{shape}", op, (shape,), ("bf16", "fp16")) for op in ("attention", "patch_embed") for shape in SHAPES]
     finished = run_bench_sass(jobs, progress, arch=100)
     entries = []
     for run_out, returncode, stderr in finished:
@@ -47,6 +47,7 @@ def _described(entry) -> str:
 
 def test_every_kernel_compiles_for_sm_100(compiled):
     assert {e["shape"] for e in compiled} == set(SHAPES) and all(e["arch"] == 100 for e in compiled)
+    assert {e["dtype"] for e in compiled} == {"bf16", "fp16"}
     assert {"_patch_embed_grad_weight_kernel", "_attention_forward_kernel"} <= {e["kernel"] for e in compiled}
     failed = [f"{_described(e)}: {e['error']}" for e in compiled if "error" in e]
     assert not failed, "\n".join(failed)

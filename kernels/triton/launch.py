@@ -11,8 +11,8 @@ import triton
 from kernels.triton.attention_bwd import (
     _attention_backward_delta_kernel,
     _attention_backward_kv_kernel,
-    _attention_backward_q_kernel,
 )
+from kernels.triton.attention_bwd_dq import _attention_backward_q_kernel
 from kernels.triton.attention_bwd_fused import _attention_backward_fused_kernel
 from kernels.triton.attention_fwd import _attention_forward_kernel
 from kernels.triton.configs import (

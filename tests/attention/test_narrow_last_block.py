@@ -12,11 +12,9 @@ import pytest
 import torch
 import triton
 
-from kernels.triton import attention_bwd, attention_fwd
-from kernels.triton.attention_bwd import (
-    _attention_backward_kv_kernel,
-    _attention_backward_q_kernel,
-)
+from kernels.triton import attention_bwd, attention_bwd_dq, attention_fwd
+from kernels.triton.attention_bwd import _attention_backward_kv_kernel
+from kernels.triton.attention_bwd_dq import _attention_backward_q_kernel
 from kernels.triton.attention_fwd import _attention_forward_kernel
 from kernels.triton.attention_ops import attention_triton
 from tests.attention.test_triton import (
@@ -49,7 +47,7 @@ def spy_on_blocks(monkeypatch) -> dict:
     for module, name, key, width in (
         (attention_fwd, "_forward_block", "forward", "BLOCK_N"),
         (attention_bwd, "_backward_kv_block", "dkdv", "BLOCK_M"),
-        (attention_bwd, "_backward_q_block", "dq", "BLOCK_N"),
+        (attention_bwd_dq, "_backward_q_block", "dq", "BLOCK_N"),
     ):
         helper = getattr(module, name)
 

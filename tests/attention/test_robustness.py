@@ -31,10 +31,8 @@ import kernels
 from kernels import backend as backend_choice
 from kernels.checks import MAX_HEAD_DIM, MIN_HEAD_DIM
 from kernels.reference import attention_reference
-from kernels.triton.attention_bwd import (
-    _attention_backward_kv_kernel,
-    _attention_backward_q_kernel,
-)
+from kernels.triton.attention_bwd import _attention_backward_kv_kernel
+from kernels.triton.attention_bwd_dq import _attention_backward_q_kernel
 from kernels.triton.attention_fwd import _attention_forward_kernel
 from tests.equivalence import DEVICE, DTYPES, ON_GPU, assert_close_to_reference
 from tests.robustness import examples, one_line_error, qkv, randn

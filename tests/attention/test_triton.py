@@ -19,10 +19,8 @@ from kernels.checks import MAX_HEAD_DIM, MIN_HEAD_DIM
 from kernels.reference import attention_reference
 from kernels.triton import attention_ops as attention_module
 from kernels.triton import configs as attention_configs
-from kernels.triton.attention_bwd import (
-    _attention_backward_kv_kernel,
-    _attention_backward_q_kernel,
-)
+from kernels.triton.attention_bwd import _attention_backward_kv_kernel
+from kernels.triton.attention_bwd_dq import _attention_backward_q_kernel
 from kernels.triton.attention_fwd import _attention_forward_kernel
 from kernels.triton.attention_ops import attention_grid, attention_triton
 from tests.equivalence import DEVICE, DTYPES, ON_GPU, assert_close_to_reference

@@ -1,14 +1,19 @@
 """The Triton kernels and their host side: attention (forward, backward, varlen) and the patch projection.
 
-configs.py        autotune tables, mask kinds, head-dim range
-tiles.py          jit helpers every attention kernel shares (logits and masks, dropout, loads)
-attention_fwd.py  the forward kernel
-attention_bwd.py  the backward kernels (delta pre-pass, dK/dV, dQ) and the dropout keep mask
-launch.py         the grid, constexprs, dense/packed layouts, one launcher per pass
-attention_ops.py  custom ops, autograd, ``attention_triton`` / ``attention_varlen_triton``
-patch_embed.py    the patch projection: kernels, custom ops, ``patch_embed_triton``
-utils.py          the interpreter switch, the one dot product, bf16 rounding
+configs.py              autotune tables and their pruning (per arch), mask kinds
+tiles.py                jit helpers every attention kernel shares (logits and masks, dropout, loads)
+attention_fwd.py        the forward kernel (its narrow last block: ``_forward_tail``)
+attention_bwd.py        the backward's delta pre-pass, dK/dV kernel, and the dropout keep mask
+attention_bwd_dq.py     the backward's dQ kernel (and the bias gradient)
+attention_bwd_fused.py  the one-kernel backward (dQ by atomic adds), for long sequences
+launch.py               the grid, constexprs, dense/packed layouts, one launcher per pass, fused or pair
+attention_ops.py        custom ops, autograd, ``attention_triton`` / ``attention_varlen_triton``
+sharding.py             DTensor sharding rules of every custom op
+patch_embed.py          the patch projection: kernels, custom ops, ``patch_embed_triton``
+patch_embed_configs.py  its autotune tables and pruning
+utils.py                the interpreter switch, the one dot product, bf16 rounding
 
 Each is checked against ``kernels.reference`` (tests/attention/test_triton.py,
-tests/attention/test_varlen_triton.py, tests/patch_embed/test_triton.py).
+tests/attention/test_varlen_triton.py, test_fused_backward.py, test_narrow_last_block.py,
+tests/patch_embed/test_triton.py); their machine code in tests/machine/.
 """

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 PEERS = ["timm", "torchvision==0.29.1", "transformers"]
@@ -7,7 +9,7 @@ setup(
     version="0.1.0",
     description="Fused Triton kernels for Vision Transformers: attention and patch projection, "
     "exact against an einsum reference, swapped into timm, torchvision and Hugging Face ViTs",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["kernels", "kernels.*", "vit", "vit.*"]),

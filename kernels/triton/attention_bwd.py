@@ -18,6 +18,7 @@ from kernels.triton.configs import (
 )
 from kernels.triton.tiles import (
     MASK_NONE_KIND,
+    _add_rows,
     _dropout_keep,
     _head_seed,
     _load_rows,
@@ -71,10 +72,14 @@ def _backward_kv_block(
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
+    MASKED: tl.constexpr, grad_q_ptr=None, grad_bias_ptr=None, grad_q_strides=None,
+    ADD_GRAD_Q: tl.constexpr = False, BIAS_NEEDS_GRAD: tl.constexpr = False,
 ):
     """dK and dV of the program's keys, summed over the query rows start_m + [0, BLOCK_M): updated.
-    SPLIT_D: the head dim's second piece in k_lo, v_lo, grad_k_lo, grad_v_lo (else passed through)."""
+    SPLIT_D: the head dim's second piece in k_lo, v_lo, grad_k_lo, grad_v_lo (else passed through).
+    ADD_GRAD_Q (the fused backward, ``attention_bwd_fused.py``): also those rows' dQ over the
+    program's keys, added to the fp32 sums at ``grad_q_ptr``, and, with BIAS_NEEDS_GRAD, their bias
+    gradient d(logits), stored as the dQ kernel stores it."""
     rows = start_m + tl.arange(0, BLOCK_M)
     q_t = _load_rows(
         q_ptr, rows, q_strides, seqlen_q, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROW_ALIGN=ROW_ALIGN,
@@ -125,11 +130,35 @@ def _backward_kv_block(
         kept_probs_t = probs_t
     kept_probs_t = rounded_to(kept_probs_t, grad_out_ptr, UPCAST_DOTS)
     grad_v = dot(kept_probs_t, grad_out, grad_v, EXACT_FP32_DOTS, UPCAST_DOTS)
-    grad_logits_t = rounded_to(probs_t * (grad_probs_t - delta[None, :]), q_ptr, UPCAST_DOTS)
+    grad_logits_t = probs_t * (grad_probs_t - delta[None, :])  # (BLOCK_N, BLOCK_M)
+    if BIAS_NEEDS_GRAD:
+        tl.store(
+            grad_bias_ptr + rows[None, :] * seqlen_k + cols[:, None], grad_logits_t,
+            mask=(rows[None, :] < seqlen_q) & (cols[:, None] < seqlen_k),
+        )
+    grad_logits_t = rounded_to(grad_logits_t, q_ptr, UPCAST_DOTS)
     grad_k = dot(grad_logits_t, tl.trans(q_t), grad_k, EXACT_FP32_DOTS, UPCAST_DOTS)
+    if ADD_GRAD_Q:
+        # This tile's share of dQ: dS^T k, (BLOCK_M, BLOCK_D), added to the rows' fp32 sums. The narrow
+        # last block (16 rows) computes its transpose k^T dS, BLOCK_D rows: a wgmma needs 64 rows per
+        # warpgroup, and 16 would make it an mma.sync.
+        grad_logits = tl.trans(grad_logits_t)
+        if BLOCK_M < 64:
+            grad_q = tl.trans(
+                dot(tl.trans(k), grad_logits_t, tl.zeros([BLOCK_D, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+            )
+        else:
+            grad_q = dot(grad_logits, k, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+        _add_rows(grad_q_ptr, rows, grad_q_strides, seqlen_q, grad_q, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_LENGTH=MASKED)
     if SPLIT_D:
         grad_v_lo = dot(kept_probs_t, grad_out_lo, grad_v_lo, EXACT_FP32_DOTS, UPCAST_DOTS)
         grad_k_lo = dot(grad_logits_t, tl.trans(q_lo_t), grad_k_lo, EXACT_FP32_DOTS, UPCAST_DOTS)
+        if ADD_GRAD_Q:
+            grad_q_lo = dot(grad_logits, k_lo, tl.zeros([BLOCK_M, BLOCK_D_LO], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
+            _add_rows(
+                grad_q_ptr, rows, grad_q_strides, seqlen_q, grad_q_lo, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D_LO,
+                CHECK_LENGTH=MASKED, D_START=BLOCK_D,
+            )
     return grad_k, grad_v, grad_k_lo, grad_v_lo
 
 
@@ -142,11 +171,15 @@ def _backward_kv_tail(
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
     SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    grad_q_ptr=None, grad_bias_ptr=None, grad_q_strides=None,
+    ADD_GRAD_Q: tl.constexpr = False, BIAS_NEEDS_GRAD: tl.constexpr = False,
 ):
     """The query rows [start, end), fewer than BLOCK_M, as one masked block 16 rows wide where they
-    fit, else BLOCK_M: ``_forward_tail``'s construction."""
+    fit, else BLOCK_M: ``_forward_tail``'s construction (N = 577 ends in 1 row). ADD_GRAD_Q as in
+    ``_backward_kv_block``, but never narrow with the head dim split: the second piece's dQ would be
+    a 16 x 16 product, an mma.sync either way round."""
     tail = end - start
-    if BLOCK_M > 16:  # noqa: SIM102 (a compile-time choice around a run-time one)
+    if BLOCK_M > 16 and not (ADD_GRAD_Q and SPLIT_D):  # noqa: SIM102 (a compile-time choice around a run-time one)
         if tail <= 16:
             grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
                 grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start,
@@ -155,9 +188,10 @@ def _backward_kv_tail(
                 HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
                 IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
                 UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
-                BLOCK_M=16, BLOCK_N=BLOCK_N, MASKED=True,
+                BLOCK_M=16, BLOCK_N=BLOCK_N, MASKED=True, grad_q_ptr=grad_q_ptr, grad_bias_ptr=grad_bias_ptr,
+                grad_q_strides=grad_q_strides, ADD_GRAD_Q=ADD_GRAD_Q, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
             )
-    if (tail > 16) | (BLOCK_M == 16):
+    if (tail > 16) | (BLOCK_M == 16) | (ADD_GRAD_Q and SPLIT_D):
         grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
             grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start,
             q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, q_strides, grad_out_strides, mask_strides,
@@ -165,7 +199,8 @@ def _backward_kv_tail(
             HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
             IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
             UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True, grad_q_ptr=grad_q_ptr, grad_bias_ptr=grad_bias_ptr,
+            grad_q_strides=grad_q_strides, ADD_GRAD_Q=ADD_GRAD_Q, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
         )
     return grad_k, grad_v, grad_k_lo, grad_v_lo
 

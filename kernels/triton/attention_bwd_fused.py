@@ -6,26 +6,26 @@ tile (q k^T, dO v^T, P^T dO, dS^T q, dS k) where the pair of ``attention_bwd.py`
 the price of fp32 dQ traffic and of determinism: the order of the atomic adds varies from run to
 run. So ``launch.py`` picks it only for long sequences, never under
 ``torch.use_deterministic_algorithms(True)``, and only for tensors whose head dim is contiguous (its
-strides are three per tensor: the head dim's is 1). The delta pre-pass is the pair's. Tiles are
-(keys, queries), as in the pair's dK/dV kernel, whose structure this follows.
+strides are three per tensor: the head dim's is 1). The delta pre-pass is the pair's, and so is the
+block: ``_backward_kv_block`` (and its narrow tail) with ADD_GRAD_Q, which adds the dQ product and the
+bias gradient to the dK/dV kernel's. Tiles are (keys, queries).
 """
 
 import triton
 import triton.language as tl
 
+from kernels.triton.attention_bwd import _backward_kv_block, _backward_kv_tail
 from kernels.triton.configs import _AUTOTUNE_KEY, F16, FMA, TF32, _configs, _pruner
 from kernels.triton.tiles import (
     MASK_NONE_KIND,
-    _dropout_keep,
     _head_seed,
     _load_rows,
-    _logits_base2,
     _offsets,
     _sequence,
     _slice_offset,
     _store_rows,
 )
-from kernels.triton.utils import autotune_configs, dot, rounded_to
+from kernels.triton.utils import autotune_configs
 
 # Autotune configs, as the tables of configs.py: (BLOCK_M, BLOCK_N, num_warps, num_stages, {dot kind:
 # the BLOCK_D it is tried at}), BLOCK_D the padded head dim, or 128 when it is split (64 + 16 at
@@ -44,161 +44,6 @@ _BACKWARD_FUSED_TABLE = [
 ]
 BACKWARD_FUSED_CONFIGS = _configs(_BACKWARD_FUSED_TABLE)
 _INTERPRETER_BACKWARD_FUSED_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
-
-
-@triton.jit
-def _add_rows(
-    ptr, index, strides, length, tile, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_LENGTH: tl.constexpr,
-    D_START: tl.constexpr = 0,
-):
-    """Atomically add the (len(index), BLOCK_D) fp32 ``tile`` to rows ``index`` (below ``length`` when
-    CHECK_LENGTH), head-dim columns D_START + [0, BLOCK_D) (below HEAD_DIM), of an fp32 slice with
-    (batch, head, row, head dim) ``strides``. Relaxed: the adds need no order, only atomicity."""
-    offs_d = D_START + tl.arange(0, BLOCK_D)
-    ptrs = ptr + index[:, None] * strides[2] + offs_d[None, :] * strides[3]
-    in_length, in_head = index[:, None] < length, offs_d[None, :] < HEAD_DIM
-    if CHECK_LENGTH:
-        tl.atomic_add(ptrs, tile, mask=in_length & in_head, sem="relaxed")
-    elif D_START + BLOCK_D > HEAD_DIM:
-        tl.atomic_add(ptrs, tile, mask=in_head, sem="relaxed")
-    else:
-        tl.atomic_add(ptrs, tile, sem="relaxed")
-
-
-@triton.jit
-def _backward_fused_block(
-    grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m,
-    q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, grad_q_ptr, grad_bias_ptr,
-    q_strides, grad_out_strides, mask_strides, grad_q_strides, stride_stats,
-    head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_NEEDS_GRAD: tl.constexpr,
-    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    """``_backward_kv_block`` (dK, dV of the program's keys over the query rows start_m + [0, BLOCK_M),
-    updated and returned), plus those rows' dQ over the program's keys, added to ``grad_q_ptr``, and
-    their bias gradient, stored. SPLIT_D: the second head-dim piece in the *_lo tiles."""
-    rows = start_m + tl.arange(0, BLOCK_M)
-    q_t = _load_rows(
-        q_ptr, rows, q_strides, seqlen_q, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROW_ALIGN=ROW_ALIGN,
-        CHECK_LENGTH=MASKED, TRANSPOSED=True,
-    )  # (BLOCK_D, BLOCK_M)
-    grad_out = _load_rows(
-        grad_out_ptr, rows, grad_out_strides, seqlen_q, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_DV, ROW_ALIGN=ROW_ALIGN,
-        CHECK_LENGTH=MASKED, TRANSPOSED=False,
-    )  # (BLOCK_M, BLOCK_DV)
-    q_lo_t, grad_out_lo = q_t, grad_out
-    if SPLIT_D:
-        q_lo_t = _load_rows(
-            q_ptr, rows, q_strides, seqlen_q, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D_LO, ROW_ALIGN=ROW_ALIGN,
-            CHECK_LENGTH=MASKED, TRANSPOSED=True, D_START=BLOCK_D,
-        )  # (BLOCK_D_LO, BLOCK_M)
-        grad_out_lo = _load_rows(
-            grad_out_ptr, rows, grad_out_strides, seqlen_q, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_D_LO,
-            ROW_ALIGN=ROW_ALIGN, CHECK_LENGTH=MASKED, TRANSPOSED=False, D_START=BLOCK_DV,
-        )  # (BLOCK_M, BLOCK_D_LO)
-    if MASKED:
-        row_max = tl.load(stats_ptr + rows, mask=rows < seqlen_q, other=0.0)
-        log2_row_sum = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
-        delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
-    else:
-        row_max = tl.load(stats_ptr + rows)
-        log2_row_sum = tl.load(stats_ptr + stride_stats + rows)
-        delta = tl.load(delta_ptr + rows)
-    qk_t = dot(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
-    if SPLIT_D:
-        qk_t = dot(k_lo, q_lo_t, qk_t, EXACT_FP32_DOTS, UPCAST_DOTS)
-    if MASKED:
-        logits_t = _logits_base2(
-            qk_t, rows[None, :], cols[:, None], mask_ptr, mask_strides, seqlen_q, seqlen_k, scale_log2e,
-            MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL,
-        )  # (BLOCK_N, BLOCK_M)
-        probs_t = tl.exp2(logits_t - row_max[None, :] - log2_row_sum[None, :])
-    else:
-        probs_t = tl.exp2(qk_t * scale_log2e - row_max[None, :] - log2_row_sum[None, :])
-    # d(logits) = P * (dP - delta), dP = grad_out v^T times the dropout's keep / (1 - p).
-    grad_probs_t = dot(v, tl.trans(grad_out), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
-    if SPLIT_D:
-        grad_probs_t = dot(v_lo, tl.trans(grad_out_lo), grad_probs_t, EXACT_FP32_DOTS, UPCAST_DOTS)
-    if HAS_DROPOUT:
-        keep_t = _dropout_keep(head_seed, rows[None, :], cols[:, None], seqlen_k, dropout_p)
-        kept_probs_t = tl.where(keep_t, probs_t * keep_scale, 0.0)
-        grad_probs_t = tl.where(keep_t, grad_probs_t * keep_scale, 0.0)
-    else:
-        kept_probs_t = probs_t
-    kept_probs_t = rounded_to(kept_probs_t, grad_out_ptr, UPCAST_DOTS)
-    grad_v = dot(kept_probs_t, grad_out, grad_v, EXACT_FP32_DOTS, UPCAST_DOTS)
-    grad_logits_t = probs_t * (grad_probs_t - delta[None, :])  # (BLOCK_N, BLOCK_M)
-    if BIAS_NEEDS_GRAD:
-        tl.store(
-            grad_bias_ptr + rows[None, :] * seqlen_k + cols[:, None], grad_logits_t,
-            mask=(rows[None, :] < seqlen_q) & (cols[:, None] < seqlen_k),
-        )
-    grad_logits_t = rounded_to(grad_logits_t, q_ptr, UPCAST_DOTS)
-    grad_k = dot(grad_logits_t, tl.trans(q_t), grad_k, EXACT_FP32_DOTS, UPCAST_DOTS)
-    # This tile's share of dQ: dS^T k, (BLOCK_M, BLOCK_D), added to the rows' fp32 sums. The narrow
-    # last block (16 rows, ``_backward_fused_tail``) computes its transpose k^T dS, BLOCK_D rows: a
-    # wgmma needs 64 rows per warpgroup, and 16 would make it an mma.sync.
-    grad_logits = tl.trans(grad_logits_t)
-    if BLOCK_M < 64:
-        grad_q = tl.trans(
-            dot(tl.trans(k), grad_logits_t, tl.zeros([BLOCK_D, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
-        )
-    else:
-        grad_q = dot(grad_logits, k, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
-    _add_rows(grad_q_ptr, rows, grad_q_strides, seqlen_q, grad_q, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, CHECK_LENGTH=MASKED)
-    if SPLIT_D:
-        grad_v_lo = dot(kept_probs_t, grad_out_lo, grad_v_lo, EXACT_FP32_DOTS, UPCAST_DOTS)
-        grad_k_lo = dot(grad_logits_t, tl.trans(q_lo_t), grad_k_lo, EXACT_FP32_DOTS, UPCAST_DOTS)
-        grad_q_lo = dot(grad_logits, k_lo, tl.zeros([BLOCK_M, BLOCK_D_LO], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
-        _add_rows(
-            grad_q_ptr, rows, grad_q_strides, seqlen_q, grad_q_lo, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D_LO,
-            CHECK_LENGTH=MASKED, D_START=BLOCK_D,
-        )
-    return grad_k, grad_v, grad_k_lo, grad_v_lo
-
-
-@triton.jit
-def _backward_fused_tail(
-    grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start, end,
-    q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, grad_q_ptr, grad_bias_ptr,
-    q_strides, grad_out_strides, mask_strides, grad_q_strides, stride_stats,
-    head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_NEEDS_GRAD: tl.constexpr,
-    EXACT_FP32_DOTS: tl.constexpr, UPCAST_DOTS: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """The query rows [start, end), fewer than BLOCK_M, as one masked block 16 rows wide where they
-    fit, else BLOCK_M (``_forward_tail``'s construction; N = 577 ends in 1 row). Not with the head dim
-    split: the second piece's dQ would be a 16 x 16 product, an mma.sync either way round."""
-    tail = end - start
-    if BLOCK_M > 16 and not SPLIT_D:  # noqa: SIM102 (a compile-time choice around a run-time one)
-        if tail <= 16:
-            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_fused_block(
-                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start,
-                q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, grad_q_ptr, grad_bias_ptr,
-                q_strides, grad_out_strides, mask_strides, grad_q_strides, stride_stats,
-                head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
-                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
-                EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
-                BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=16, BLOCK_N=BLOCK_N, MASKED=True,
-            )
-    if (tail > 16) | (BLOCK_M == 16) | SPLIT_D:
-        grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_fused_block(
-            grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start,
-            q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, grad_q_ptr, grad_bias_ptr,
-            q_strides, grad_out_strides, mask_strides, grad_q_strides, stride_stats,
-            head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-            HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
-            IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
-            EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
-            BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
-        )
-    return grad_k, grad_v, grad_k_lo, grad_v_lo
 
 
 @triton.autotune(
@@ -309,15 +154,17 @@ def _attention_backward_fused_kernel(
         row_start = 0
         whole_end = seqlen_q // BLOCK_M * BLOCK_M
         for start_m in range(0, whole_end, BLOCK_M):
-            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_fused_block(
+            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
                 grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m,
-                q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, grad_q_ptr, grad_bias_ptr,
-                q_strides, grad_out_strides, mask_strides, grad_q_strides, stride_stats,
+                q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
+                q_strides, grad_out_strides, mask_strides, stride_stats,
                 head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
-                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
+                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT,
                 EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
                 BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False,
+                grad_q_ptr=grad_q_ptr, grad_bias_ptr=grad_bias_ptr, grad_q_strides=grad_q_strides, ADD_GRAD_Q=True,
+                BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
             )
     else:
         row_start = 0
@@ -325,26 +172,30 @@ def _attention_backward_fused_kernel(
             row_start = (col_block * BLOCK_N // BLOCK_M) * BLOCK_M  # rows above the block's first key see none of it
         whole_end = seqlen_q // BLOCK_M * BLOCK_M
         for start_m in range(row_start, whole_end, BLOCK_M):
-            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_fused_block(
+            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
                 grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m,
-                q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, grad_q_ptr, grad_bias_ptr,
-                q_strides, grad_out_strides, mask_strides, grad_q_strides, stride_stats,
+                q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
+                q_strides, grad_out_strides, mask_strides, stride_stats,
                 head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
-                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
+                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT,
                 EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
                 BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
+                grad_q_ptr=grad_q_ptr, grad_bias_ptr=grad_bias_ptr, grad_q_strides=grad_q_strides, ADD_GRAD_Q=True,
+                BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
             )
     if (whole_end < seqlen_q) & (row_start <= whole_end):  # the last, partial row block, narrowed
-        grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_fused_tail(
+        grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_tail(
             grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, whole_end, seqlen_q,
-            q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr, grad_q_ptr, grad_bias_ptr,
-            q_strides, grad_out_strides, mask_strides, grad_q_strides, stride_stats,
+            q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
+            q_strides, grad_out_strides, mask_strides, stride_stats,
             head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
             HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
-            IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
+            IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT,
             EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
             BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            grad_q_ptr=grad_q_ptr, grad_bias_ptr=grad_bias_ptr, grad_q_strides=grad_q_strides, ADD_GRAD_Q=True,
+            BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
         )
 
     _store_rows(

@@ -144,3 +144,22 @@ def _store_rows(
         rounded_to(tile, ptr, UPCAST_DOTS),
         mask=(index[:, None] < length) & (offs_d[None, :] < HEAD_DIM),
     )
+
+
+@triton.jit
+def _add_rows(
+    ptr, index, strides, length, tile, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_LENGTH: tl.constexpr,
+    D_START: tl.constexpr = 0,
+):
+    """Atomically add the (len(index), BLOCK_D) fp32 ``tile`` to rows ``index`` (below ``length`` when
+    CHECK_LENGTH), head-dim columns D_START + [0, BLOCK_D) (below HEAD_DIM), of an fp32 slice with
+    (batch, head, row, head dim) ``strides``. Relaxed: the adds need no order, only atomicity."""
+    offs_d = D_START + tl.arange(0, BLOCK_D)
+    ptrs = ptr + index[:, None] * strides[2] + offs_d[None, :] * strides[3]
+    in_length, in_head = index[:, None] < length, offs_d[None, :] < HEAD_DIM
+    if CHECK_LENGTH:
+        tl.atomic_add(ptrs, tile, mask=in_length & in_head, sem="relaxed")
+    elif D_START + BLOCK_D > HEAD_DIM:
+        tl.atomic_add(ptrs, tile, mask=in_head, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, tile, sem="relaxed")

@@ -84,7 +84,7 @@ def reductions(code: list[tuple[int, str]], first: int, last: int) -> list[str]:
 
 def narrow_mmas(code: list[tuple[int, str]], first: int, last: int) -> tuple[int, int]:
     """(inside [first, last], outside it) HGMMAs 16 columns wide: the narrow last block's (16 query
-    rows, ``_backward_fused_tail``), absent from the main loop where the head dim is whole."""
+    rows, ``_backward_kv_tail`` with ADD_GRAD_Q), absent from the main loop where the head dim is whole."""
     narrow = [address for address, text in code if re.match(r"HGMMA\.\d+x16x", sass._opcode(text))]
     inside = sum(first <= address <= last for address in narrow)
     return inside, len(narrow) - inside

@@ -29,20 +29,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(module: str, checks: list[str], timeout_s: float = TIMEOUT_S) -> None:
-    """Run ``checks`` of ``python -m module`` on WORLD gloo ranks (Triton's interpreter on); fail with
-    every failed rank's log tail if any rank fails, or if they run past ``timeout_s``."""
+def run_ranks(argv: list[str], world: int, timeout_s: float, interpret: bool = True) -> list[tuple[int, str]]:
+    """``python argv`` on ``world`` ranks started as torchrun starts them (MASTER_ADDR/PORT, WORLD_SIZE,
+    RANK, LOCAL_RANK; Triton's interpreter on when ``interpret``): [(exit status, output)] per rank.
+    Past ``timeout_s`` every rank is killed and subprocess.TimeoutExpired raised."""
     environment = {
-        **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD),
-        "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
+        "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
+    if interpret:
+        environment["TRITON_INTERPRET"] = "1"
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-m", module, *checks], env={**environment, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            [sys.executable, *argv], env={**environment, "RANK": str(rank), "LOCAL_RANK": str(rank)},
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        for rank in range(WORLD)
+        for rank in range(world)
     ]
     deadline, logs = time.monotonic() + timeout_s, []
     try:
@@ -51,10 +53,21 @@ def launch(module: str, checks: list[str], timeout_s: float = TIMEOUT_S) -> None
     except subprocess.TimeoutExpired:
         for process in ranks:
             process.kill()
+            process.communicate()
+        raise
+    return [(process.returncode, log) for process, log in zip(ranks, logs)]
+
+
+def launch(module: str, checks: list[str], timeout_s: float = TIMEOUT_S) -> None:
+    """Run ``checks`` of ``python -m module`` on WORLD gloo ranks (Triton's interpreter on); fail with
+    every failed rank's log tail if any rank fails, or if they run past ``timeout_s``."""
+    try:
+        ranks = run_ranks(["-m", module, *checks], WORLD, timeout_s)
+    except subprocess.TimeoutExpired:
         pytest.fail(f"{module} {checks}: ranks still running after {timeout_s} s")
-    failed = [rank for rank, process in enumerate(ranks) if process.returncode != 0]
+    failed = [rank for rank, (status, _) in enumerate(ranks) if status != 0]
     if failed:
-        tails = "\n".join(f"--- rank {rank}:\n{logs[rank][-3000:]}" for rank in failed)
+        tails = "\n".join(f"--- rank {rank}:\n{ranks[rank][1][-3000:]}" for rank in failed)
         pytest.fail(f"{module} {checks}: rank(s) {failed} failed\n{tails}")
 
 

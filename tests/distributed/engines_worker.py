@@ -20,7 +20,6 @@ import contextlib
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -43,12 +42,12 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 from kernels.parallel import FusedQKVColwise, vit_tensor_parallel_plan
+from tests.distributed import run_ranks
 from tests.equivalence import assert_close_to_reference
 
 SIZE = {"image_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 10}
 BATCH, STEPS, LR = 4, 2, 0.5
 PREFIXES = ("_orig_mod.", "module.")  # torch.compile's and DDP's, taken off the parameter names
-ROOT = Path(__file__).resolve().parents[2]
 DEVICE = "cpu"  # this rank's device type: set by main
 
 
@@ -252,49 +251,24 @@ def main(out: Path, device: str, cases: list[str]) -> None:
 # Starting the ranks.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, cases: list[str], out: Path, timeout_s: float, device: str = "cpu") -> dict[str, str]:
-    """``world`` ranks of this module, started as torchrun starts them; {case: "ok" or each failing
+    """``world`` ranks of this module (``tests.distributed.run_ranks``); {case: "ok" or each failing
     rank's failure}. Past ``timeout_s`` the ranks are killed and TimeoutError says what was done."""
-    environment = {
-        **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
-        "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    if device == "cpu":
-        environment["TRITON_INTERPRET"] = "1"
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.distributed.engines_worker", str(out), device, *cases],
-            env={**environment, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in range(world)
-    ]
-    deadline = time.monotonic() + timeout_s
-    logs = []
+    argv = ["-m", "tests.distributed.engines_worker", str(out), device, *cases]
     try:
-        for process in ranks:
-            logs.append(process.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
+        ranks = run_ranks(argv, world, timeout_s, interpret=device == "cpu")
     except subprocess.TimeoutExpired:
-        for process in ranks:
-            process.kill()
-            process.communicate()
         first = out / "rank0.json"
         done = json.loads(first.read_text())["seconds"] if first.exists() else {}
         raise TimeoutError(
             f"{world} ranks ran past {timeout_s:.0f} s; done (seconds): {done}; not done: {sorted(set(cases) - set(done))}"
         ) from None
     results = {}
-    for rank, process in enumerate(ranks):
+    for rank, (status, log) in enumerate(ranks):
         path = out / f"rank{rank}.json"
         found = json.loads(path.read_text())["results"] if path.exists() else {}
         for case in cases:
-            result = found.get(case, f"rank {rank} exited {process.returncode} before it; its output ends:\n{logs[rank][-3000:]}")
+            result = found.get(case, f"rank {rank} exited {status} before it; its output ends:\n{log[-3000:]}")
             if result != "ok":
                 results[case] = results.get(case, "") + f"[rank {rank}] {result}\n"
             results.setdefault(case, "ok")

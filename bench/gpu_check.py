@@ -3,7 +3,7 @@
     python -m bench.gpu_check                       # writes bench/gpu_check.md and prints it
     python -m bench.gpu_check --budget 300 --out /tmp/check.md
 
-Four phases, each stopped by the clock (``--budget`` seconds in all, 300 by default, so that
+Phases 1 to 6 stopped by the clock (``--budget`` seconds in all, 300 by default, so that
 the whole run, Triton's compiling and autotuning included, fits a 6-minute slot on an H100/H200;
 a phase the clock stopped says so, and a second run, with Triton's cache warm, gets further):
 1. Correctness at the four ViT shapes of ``bench.sass.SHAPES`` (ViT-B/16, ViT-L/16 at 384,
@@ -20,7 +20,15 @@ a phase the clock stopped says so, and a second run, with Triton's cache warm, g
    windows (forward) against an SDPA call per image, SDPA with a block-diagonal mask, compiled
    FlexAttention with a document mask and flash-attn's varlen function when importable.
 4. The patch projection at ViT-B/16 (B=256) against Conv2d + flatten + cat + add, and at B=1.
-5. Many GPUs, with 2 or more: the engine checks of tests/distributed/test_engines.py (DDP, FSDP2,
+5. FP8 inference forward (``kernels.quantize_fp8``, e4m3 q/k/v, bf16 out) at ViT-B/16 and ViT-L/16-384,
+   where the GPU has FP8 tensor cores (sm_89 and up): the output against float64 attention of the
+   same e4m3 values, within the bound of rounding P to e4m3 (tests/attention/test_fp8.py), then the
+   forward timed on quantised inputs, with quantize_fp8 of bf16 q/k/v included, against our bf16
+   forward and SDPA's flash and cuDNN backends.
+6. Blackwell, only on sm_100 (B200/GB200): the FP8 check at all four shapes, and our bf16 forward,
+   forward + backward and FP8 forward timed at ViT-H/14 and SigLIP (the head dims whose tiles
+   sm_100 prunes apart from sm_90); elsewhere one row saying it did not run.
+7. Many GPUs, with 2 or more: the engine checks of tests/distributed/test_engines.py (DDP, FSDP2,
    FSDP2 with checkpointing, tensor parallel, torch.compile over DDP and FSDP2; FSDP2 x TP with 4
    GPUs) on CUDA with NCCL, one process per GPU, the Triton kernels compiled: tiny models against
    one process, the same code as on CPU, not a scaling figure. Its own time (``--engines-timeout``,
@@ -47,7 +55,10 @@ EXIT_NO_GPU = 2
 DEVICE = "cuda"
 # A phase starts no new piece of work after this fraction of the budget: one piece (a first call
 # that compiles and autotunes) can take a minute, so the last phase ends early.
-PHASE_ENDS = {"correctness": 0.40, "attention": 0.65, "switch-over": 0.75, "varlen": 0.87, "patch": 0.94}
+PHASE_ENDS = {
+    "correctness": 0.36, "attention": 0.58, "switch-over": 0.66, "fp8": 0.75, "varlen": 0.85, "patch": 0.91,
+    "blackwell": 0.97,
+}
 TIMED = [("vit_b16", 256), ("vit_l16_384", 64)]  # (shape, batch) of the attention timings
 # The fused backward against the pair: N at about 37K tokens (ViT-L/16-384's 64 x 577), 16 heads, D = 64.
 SWITCH_OVER_LENGTHS, SWITCH_OVER_TOKENS = (197, 257, 384, 512, 577, 729, 1024), 64 * 577
@@ -427,7 +438,155 @@ def time_patch_embed(clock: Clock, limits) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Many GPUs: the distributed engines.
+# 5 and 6. FP8, and Blackwell.
+
+FP8_TIMED = [("vit_b16", 256), ("vit_l16_384", 64)]
+
+
+def _fp8_inputs(name: str, batch: int):
+    """bf16 q, k, v views of a fused qkv at a named shape, and their quantize_fp8 (v keys-contiguous)."""
+    import kernels
+    from bench.sass import SHAPES
+
+    shape = SHAPES[name]
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    qkv = torch.randn(batch, shape.tokens, 3, shape.heads, shape.head_dim, device=DEVICE, generator=generator)
+    q, k, v = _heads_first(qkv.to(torch.bfloat16))
+    return (q, k, v), kernels.quantize_fp8(q, k, v)
+
+
+def _fp8_result(quantised) -> str:
+    """Our FP8 output against float64 attention of the same e4m3 values, within the bound of rounding
+    P to e4m3: 2**-4 of each weight, 2**-10 below e4m3's normal range, then the output's bf16 rounding."""
+    import kernels
+    from kernels.fp8 import dequantize
+
+    q8, k8, v8, qd, kd, vd = quantised
+    out = kernels.attention(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd, backend="triton").double()
+    q, k, v = (dequantize(t, d, torch.float64) for t, d in ((q8, qd), (k8, kd), (v8, vd)))
+    weights = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+    expected = weights @ v
+    magnitudes = v.abs()
+    bound = 2.0**-4 * (weights @ magnitudes) + 2.0**-10 * magnitudes.sum(-2, keepdim=True) + 2.0**-8 * expected.abs()
+    error = (out - expected).abs()
+    over = (error > bound).sum().item()
+    verdict = "pass" if over == 0 else f"FAIL: {over} elements over the bound"
+    return f"{verdict} (max error {error.max().item():.2e}, mean {error.mean().item():.2e}, bound mean {bound.mean().item():.2e})"
+
+
+def _fp8_providers():
+    """{provider: (role, forward(q, k, v, quantised), context)}: FP8 on quantised inputs, FP8 with the
+    quantising, our bf16 forward, SDPA flash and cuDNN, on the same bf16 q, k, v."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import kernels
+
+    def fp8(q, k, v, quantised):
+        q8, k8, v8, qd, kd, vd = quantised
+        return kernels.attention(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd, backend="triton")
+
+    def fp8_quantising(q, k, v, quantised):
+        return fp8(q, k, v, kernels.quantize_fp8(q, k, v))
+
+    def sdpa(q, k, v, quantised):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    return {
+        "vitriton-fp8": ("ours", fp8, contextlib.nullcontext),
+        "vitriton-fp8 + quantize_fp8": ("ours", fp8_quantising, contextlib.nullcontext),
+        "vitriton-bf16": ("ours", lambda q, k, v, _: kernels.attention(q, k, v, backend="triton"), contextlib.nullcontext),
+        "sdpa-flash": ("peer", sdpa, lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)),
+        "sdpa-cudnn": ("peer", sdpa, lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)),
+    }
+
+
+def _fp8_phase(clock: Clock, limits, phase: str, checked: list[tuple[str, int]], timed: list[tuple[str, int]],
+               bf16_backward: bool = False) -> tuple[list[dict], list[dict]]:
+    """Correctness rows for ``checked`` and timing rows for ``timed`` ((shape, batch) pairs)."""
+    import kernels
+    from bench.roofline import attention_work
+    from bench.sass import SHAPES
+
+    correctness, timings = [], []
+    major, minor = torch.cuda.get_device_capability()
+    for name, batch in checked:
+        shape = SHAPES[name]
+        row = {"shape": f"{name} FP8 forward", "B, H, N, D": f"{batch}, {shape.heads}, {shape.tokens}, {shape.head_dim}"}
+        correctness.append(row)
+        if major * 10 + minor < 89:
+            row["result"] = f"not run: FP8 tensor cores need sm_89 or later, this GPU is sm_{major}{minor}"
+            continue
+        if not clock.allows(phase):
+            row["result"] = "not run: out of time"
+            continue
+        try:
+            _, quantised = _fp8_inputs(name, batch)
+            row["result"] = _fp8_result(quantised)
+        except Exception as error:  # noqa: BLE001 - recorded, the next shape still runs
+            row["result"] = f"ERROR: {_one_line(error, 300)}"
+        finally:
+            quantised = None
+            _free()
+    providers = _fp8_providers()
+    for name, batch in timed:
+        shape = SHAPES[name]
+        (q, k, v), quantised = _fp8_inputs(name, batch)
+        b, h, n, d = batch, shape.heads, shape.tokens, shape.head_dim
+        for provider, (role, forward, context) in providers.items():
+            case = f"attention {name} B={b} fwd (FP8 phase)"
+            fp8 = provider.startswith("vitriton-fp8")
+            row = {"case": case, "provider": provider, "role": role}
+            timings.append(row)
+            if not clock.allows(phase) or (fp8 and major * 10 + minor < 89):
+                row["error"] = "not run: out of time" if clock.allows(phase) is False else "not run: no FP8 tensor cores"
+                continue
+            work = attention_work(b, h, n, n, d, torch.bfloat16, False)
+            try:
+                with context():
+                    ms = _timed(lambda forward=forward, inputs=(q, k, v, quantised): forward(*inputs))
+            except Exception as error:  # noqa: BLE001 - recorded, not fatal
+                row["error"] = _one_line(error)
+                _free()
+                continue
+            if fp8:  # the roofline is bf16's (measure_limits): TFLOP/s only, the FP8 peak is about twice it
+                row.update(ms=ms, inputs="e4m3 q, k views of a fused qkv, v keys-contiguous; no roofline",
+                           tflops=work.flops / (ms / 1e3) / 1e12)
+            else:
+                row.update(ms=ms, inputs="views of a fused qkv", **(limits.describe(work, ms / 1e3) if limits else {}))
+        if bf16_backward:
+            qkv = torch.randn(b, n, 3, h, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+            grad_out = torch.randn(b, h, n, d, device=DEVICE, dtype=torch.bfloat16)
+            row = {"case": f"attention {name} B={b} bf16 fwd+bwd (Blackwell phase)", "provider": "vitriton", "role": "ours"}
+            timings.append(row)
+            if clock.allows(phase):
+                row.update(_time_one(lambda q, k, v: kernels.attention(q, k, v, backend="triton"), qkv, grad_out,
+                                     attention_work(b, h, n, n, d, torch.bfloat16, True), limits))
+            else:
+                row["error"] = "not run: out of time"
+        q = k = v = quantised = qkv = grad_out = None
+        _free()
+    return correctness, timings
+
+
+def check_and_time_fp8(clock: Clock, limits) -> tuple[list[dict], list[dict]]:
+    """Phase 5: FP8 at ViT-B/16 and ViT-L/16-384 (``FP8_TIMED``), checked then timed."""
+    return _fp8_phase(clock, limits, "fp8", FP8_TIMED, FP8_TIMED)
+
+
+def check_blackwell(clock: Clock, limits) -> tuple[list[dict], list[dict]]:
+    """Phase 6, on sm_100 only: FP8 checked at the four shapes, FP8 and bf16 timed at the split head dims."""
+    major, minor = torch.cuda.get_device_capability()
+    if major != 10:
+        return [{"shape": "Blackwell phase", "B, H, N, D": "-",
+                 "result": f"not run: needs an sm_100 GPU (B200/GB200), this one is sm_{major}{minor}"}], []
+    from bench.sass import SHAPES
+
+    checked = [(name, SHAPES[name].batch) for name in CORRECTNESS_ORDER]
+    return _fp8_phase(clock, limits, "blackwell", checked, [("vit_h14", 64), ("siglip_so400m", 64)], bf16_backward=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Many GPUs: the distributed engines.
 
 ENGINE_ROW = "4, 2, 17, 16"  # tests/distributed/engines_worker.py's tiny models: batch, heads, tokens, head dim
 
@@ -524,11 +683,18 @@ def main(argv=None) -> int:
     print(f"attention timed at {clock.elapsed():.0f} s", flush=True)
     timings += time_switch_over(clock, limits)
     print(f"fused backward against the pair timed at {clock.elapsed():.0f} s", flush=True)
+    fp8_correctness, fp8_timings = check_and_time_fp8(clock, limits)
+    correctness += fp8_correctness
+    timings += fp8_timings
+    print(f"FP8 checked and timed at {clock.elapsed():.0f} s", flush=True)
     varlen_correctness, varlen_timings = time_varlen(clock, limits)
     correctness += varlen_correctness
     timings += varlen_timings
     print(f"varlen checked and timed at {clock.elapsed():.0f} s", flush=True)
     timings += time_patch_embed(clock, limits)
+    blackwell_correctness, blackwell_timings = check_blackwell(clock, limits)
+    correctness += blackwell_correctness
+    timings += blackwell_timings
     correctness += check_engines(options.engines_timeout)
     print(f"distributed engines checked at {clock.elapsed():.0f} s", flush=True)
     header = [

@@ -2,6 +2,7 @@
 machine with Triton (no GPU).
 
     python -m bench.sass --arch 90 --shape vit_b16 --dtype bf16 --out DIR      (--arch 100: B200)
+    python -m bench.sass --arch 90 --dtype fp8 --op attention --out DIR       (the FP8 inference forward)
 
 For the launches a real call makes at a named ViT shape (attention forward and backward on q, k, v
 views of a fused qkv projection, the patch projection forward and backward), compile every kernel
@@ -62,7 +63,8 @@ SM_LIMITS = {
     90: SmLimits(registers=65536, shared=233472, reserved_shared_per_block=1024, threads=2048, blocks=32),
     100: SmLimits(registers=65536, shared=233472, reserved_shared_per_block=1024, threads=2048, blocks=32),
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# fp8: the FP8 inference forward (e4m3 q, k, v; ``kernels/triton/attention_fp8.py``), attention only.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
 EXIT_CANNOT_COMPILE = 3  # exit status when this Triton/torch cannot compile ahead of time (1: a kernel failed)
 
 
@@ -93,8 +95,9 @@ SCORE_TILE = {
     "_attention_backward_kv_kernel": ("BLOCK_M", "BLOCK_N"),
     "_attention_backward_q_kernel": ("BLOCK_M", "BLOCK_N"),
     "_attention_backward_fused_kernel": ("BLOCK_M", "BLOCK_N"),
+    "_attention_fp8_forward_kernel": ("BLOCK_M", "BLOCK_N"),
 }
-FORWARD_KERNELS = {"_attention_forward_kernel", "_patch_embed_forward_kernel"}
+FORWARD_KERNELS = {"_attention_forward_kernel", "_patch_embed_forward_kernel", "_attention_fp8_forward_kernel"}
 OPS = ("attention", "patch_embed")
 
 
@@ -133,6 +136,7 @@ def install_recorder():
     subprocess with TRITON_INTERPRET=0) and return the modules ``kernels.triton.attention_ops``, ``kernels.triton.patch_embed``."""
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compiling needs TRITON_INTERPRET=0"
     torch.library.wrap_triton = Recorder  # the launchers' `torch.library.wrap_triton(kernel)[grid](...)`
+    import kernels.triton.attention_fp8
     import kernels.triton.attention_ops
     import kernels.triton.patch_embed  # noqa: F401
 
@@ -247,8 +251,31 @@ def patch_embed_launches(
     )
 
 
+def fp8_launches(batch, heads, tokens, head_dim, v_keys_contiguous=True, mask_kind=None, is_causal=False) -> list:
+    """The FP8 forward's launch at a ViT shape: e4m3 q and k views of a fused qkv (B, N, 3, H, D); v as
+    ``kernels.quantize_fp8`` lays it out, a (B, H, N, D) view of (B, H, D, N rounded up to 16) memory
+    (``v_keys_contiguous``), or row-major like q and k."""
+    fp8 = sys.modules["kernels.triton.attention_fp8"]
+    meta = {"device": "meta", "dtype": torch.float8_e4m3fn}
+    q, k, v = torch.empty(batch, tokens, 3, heads, head_dim, **meta).permute(2, 0, 3, 1, 4).unbind(0)
+    if v_keys_contiguous:
+        v = torch.empty(batch, heads, head_dim, -(-tokens // 16) * 16, **meta)[..., :tokens].transpose(2, 3)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.empty(batch, 1, 1, tokens, device="meta", dtype=torch.bool)
+    elif mask_kind == "bias":
+        mask = torch.empty(1, heads, tokens, tokens, device="meta", dtype=torch.bfloat16)
+    descales = torch.empty(batch, heads, 3, device="meta", dtype=torch.float32)
+    return recorded(
+        lambda: fp8.attention_fp8_forward._init_fn(q, k, v, descales, mask, head_dim**-0.5, is_causal, torch.bfloat16)
+    )
+
+
 def shape_launches(shape: Shape, dtype, ops=OPS) -> list:
-    """The launches a forward and backward of each of ``ops`` ("attention", "patch_embed") make at ``shape``."""
+    """The launches a forward and backward of each of ``ops`` ("attention", "patch_embed") make at ``shape``;
+    in FP8, the FP8 forward's (the patch projection has no FP8 kernel)."""
+    if dtype == torch.float8_e4m3fn:
+        return fp8_launches(shape.batch, shape.heads, shape.tokens, shape.head_dim) if "attention" in ops else []
     launches = []
     if "attention" in ops:
         launches += attention_launches(shape.batch, shape.heads, shape.tokens, shape.head_dim, dtype)
@@ -280,6 +307,7 @@ def variants(kernel, args, kwargs) -> list[tuple]:
 def _triton_type(dtype: torch.dtype) -> str:
     return {
         torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.bool: "i1",
+        torch.float8_e4m3fn: "fp8e4nv",
         torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32",
     }[dtype]
 

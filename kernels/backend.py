@@ -25,7 +25,7 @@ import warnings
 import torch
 
 BACKENDS = ("auto", "triton", "einsum")
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)  # FP8: attention only (checks.py)
 
 
 def _checked_backend_name(name: str, where: str) -> str:

@@ -40,10 +40,19 @@ def _check_same(op: str, what: str, named: dict[str, torch.Tensor | None]) -> No
         raise error(f"{op}: expected every tensor on one {what}, got {listed}")
 
 
-def _check_float(op: str, named: dict[str, torch.Tensor]) -> None:
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
+
+
+def _check_float(op: str, named: dict[str, torch.Tensor], fp8: bool = False) -> None:
+    """Floating-point tensors; float8 ones only where ``fp8`` (FP8 attention), never by accident."""
     for name, t in named.items():
         if not t.is_floating_point():
             raise TypeError(f"{op}: expected a floating-point {name}, got {t.dtype}")
+        if t.dtype in _FP8_DTYPES and not fp8:
+            raise TypeError(
+                f"{op}: expected {name} in float16, bfloat16, float32 or float64, got {t.dtype} "
+                "(FP8 is taken by kernels.attention only, all of q, k, v in torch.float8_e4m3fn)"
+            )
 
 
 def is_real(value) -> bool:
@@ -87,19 +96,19 @@ def _check_scalars(op: str, scale, dropout_p, is_causal) -> tuple[float | None, 
     return scale, dropout_p, is_causal
 
 
-def _check_attention_inputs(op, q, k, v, mask, scale, dropout_p, is_causal):
+def _check_attention_inputs(op, q, k, v, mask, scale, dropout_p, is_causal, fp8=False):
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(op, name, t)
         if t.dim() != 4:
             raise ValueError(f"{op}: expected {name} of shape (B, H, N, D), got {tuple(t.shape)}")
     if mask is not None:
         _check_tensor(op, "the mask", mask)
-    _check_float(op, {"q": q, "k": k, "v": v})
+    _check_float(op, {"q": q, "k": k, "v": v}, fp8=fp8)
     _check_same(op, "dtype", {"q": q, "k": k, "v": v})
     if mask is not None:
         if mask.dtype != torch.bool and not mask.is_floating_point():
             raise TypeError(f"{op}: expected a bool mask (True = may attend) or a float mask, got {mask.dtype}")
-        if mask.is_floating_point() and mask.dtype not in (q.dtype, torch.float32):
+        if mask.is_floating_point() and mask.dtype not in (q.dtype, torch.float32) and not fp8:
             raise TypeError(f"{op}: expected a float mask of q's dtype ({q.dtype}) or float32, got {mask.dtype}")
     _check_same(op, "device", {"q": q, "k": k, "v": v, "mask": mask})
     if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:

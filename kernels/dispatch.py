@@ -9,6 +9,7 @@ import functools
 import inspect
 import math
 import sys
+import warnings
 
 import torch
 
@@ -23,6 +24,14 @@ from kernels.checks import (
     _check_tensor,
     _checked_max_seqlen,
     _cu_seqlens_facts,
+)
+from kernels.fp8 import (
+    FP8_DTYPES,
+    check_fp8_inputs,
+    dequantize,
+    fp8_mode_on,
+    packed_descales,
+    quantize_fp8,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +130,10 @@ def attention(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     backend: str | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Scaled multi-head attention: q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) -> (B, H, Nq, Dv).
 
@@ -135,8 +148,24 @@ def attention(
     queries attend to every rank's keys (gathered, see "Context parallelism" above; no mask or
     is_causal there). DTensors sharded on the batch or the heads run the kernels locally
     (``kernels/triton/sharding.py``).
+
+    FP8, for inference (``kernels/fp8.py``): q, k, v in ``torch.float8_e4m3fn`` with float32
+    ``q_descale``, ``k_descale``, ``v_descale`` of shape (B, H) (None: 1), the output in
+    ``out_dtype`` (bfloat16 by default); no dropout, no backward. ``kernels.quantize_fp8`` makes
+    them from float q, k, v.
     """
     op = "attention"
+    fp8_inputs = any(isinstance(t, torch.Tensor) and t.dtype in FP8_DTYPES for t in (q, k, v))
+    if fp8_inputs or fp8_mode_on():
+        return _attention_fp8(
+            op, q, k, v, mask, scale, dropout_p, is_causal, backend, q_descale, k_descale, v_descale, out_dtype,
+            quantize=not fp8_inputs,
+        )
+    if (q_descale, k_descale, v_descale, out_dtype) != (None, None, None, None):
+        raise TypeError(
+            f"{op}: q_descale, k_descale, v_descale and out_dtype are for FP8 (torch.float8_e4m3fn) q, k, v, "
+            f"got q in {getattr(q, 'dtype', type(q).__name__)}"
+        )
     device_type = _autocast_device([q, k, v])
     if device_type is not None:
         q, k, v, mask = _autocast_cast(device_type, [q, k, v, mask])
@@ -156,6 +185,43 @@ def attention(
     from kernels.triton.attention_ops import attention_triton
 
     return attention_triton(q, k, v, mask, scale, dropout_p, is_causal=is_causal)
+
+
+def _attention_fp8(
+    op, q, k, v, mask, scale, dropout_p, is_causal, backend, q_descale, k_descale, v_descale, out_dtype, quantize
+):
+    """``attention`` of FP8 inputs, or (``quantize``, in ``fp8_mode``) of float ones quantised here,
+    returned in q's dtype."""
+    scale, dropout_p, is_causal = _check_attention_inputs(op, q, k, v, mask, scale, dropout_p, is_causal, fp8=not quantize)
+    if quantize:
+        if (q_descale, k_descale, v_descale) != (None, None, None):
+            raise TypeError(f"{op}: descales are for FP8 q, k, v, got q in {q.dtype} (inside kernels.fp8_mode)")
+        out_dtype = q.dtype if out_dtype is None else out_dtype
+        if dropout_p:
+            raise ValueError(f"{op}: FP8 attention (kernels.swap(..., fp8=True)) is for eval mode: expected dropout_p=0, got {dropout_p}")
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)):
+            raise NotImplementedError(
+                f"{op}: FP8 attention (kernels.swap(..., fp8=True)) is for inference and has no backward; "
+                "run the model under torch.no_grad() or torch.inference_mode()"
+            )
+        q, k, v, q_descale, k_descale, v_descale = quantize_fp8(q, k, v)
+    out_dtype = check_fp8_inputs(op, q, k, v, mask, q_descale, k_descale, v_descale, out_dtype, dropout_p)
+    from kernels.triton.attention_fp8 import fp8_target
+
+    def kernel_cannot_take():
+        from kernels.triton.attention_ops import cannot_take
+
+        return cannot_take(q, k, v, mask, 0.0) or (fp8_target(q) if q.device.type == "cuda" else None)
+
+    if pick_backend(backend, op, [q, k, v, mask], kernel_cannot_take) == "einsum":
+        dequantized = [dequantize(t, d) for t, d in ((q, q_descale), (k, k_descale), (v, v_descale))]
+        if mask is not None and mask.is_floating_point():
+            mask = mask.float()
+        return reference.attention_fallback(*dequantized, mask, scale, 0.0, is_causal=is_causal).to(out_dtype)
+    from kernels.triton.attention_fp8 import attention_fp8_triton
+
+    descales = packed_descales(q, q_descale, k_descale, v_descale)
+    return attention_fp8_triton(q, k, v, descales, mask, scale, is_causal=is_causal, out_dtype=out_dtype)
 
 
 def scaled_dot_product_attention(
@@ -354,6 +420,8 @@ def attention_varlen(
     ``scale``, ``dropout_p`` and ``is_causal`` (top-left aligned per sequence) as ``attention``.
     """
     op = "attention_varlen"
+    if fp8_mode_on():
+        warnings.warn(f"vitriton: {op}: FP8 attention takes dense (B, H, N, D) inputs only; packed sequences run in {q.dtype}", stacklevel=2)
     if _context_parallel_mesh() is not None:
         raise NotImplementedError(f"{op}: packed sequences inside torch's context_parallel are not supported")
     device_type = _autocast_device([q, k, v])

@@ -47,6 +47,7 @@ class SwapReport:
         self.left_alone: list[SwapEntry] = []
         self._model = model
         self._token = token
+        self.fp8 = False  # swap(fp8=True): the swapped attention runs in FP8
 
     def undo(self) -> list[str]:
         """Restore the modules this swap patched; returns their paths."""
@@ -60,6 +61,7 @@ class SwapReport:
         head = (
             f"swap({self.model_name}): {replaced}, "
             f"{len(self.already_swapped)} already swapped, {len(self.left_alone)} left alone"
+            + (", attention in FP8 (e4m3, inference only)" if self.fp8 else "")
         )
         rows = []  # (status, paths, kind, note)
         for status, entries in (("replaced", self.replaced), ("already swapped", self.already_swapped),
@@ -165,8 +167,36 @@ def patch_instance(module: nn.Module, token: object, values: dict) -> None:
     setattr(module, RECORD, record)
 
 
+FP8_HOOKS = "_vitriton_fp8"  # the root module's (token, pre-hook handle, hook handle) of swap(fp8=True)
+
+
+def run_in_fp8_mode(model: nn.Module, token: object) -> None:
+    """Make each call of ``model`` run inside ``kernels.fp8_mode()`` (forward hooks on the root; the
+    closing one runs even when the forward raises), until undone."""
+    from kernels.fp8 import _fp8_mode
+
+    if FP8_HOOKS in model.__dict__:
+        return
+    entered = []  # the mode's reset tokens, one per call in progress (a model may call itself)
+
+    def enter(module, args):
+        entered.append(_fp8_mode.set(True))
+
+    def leave(module, args, output):
+        _fp8_mode.reset(entered.pop())
+
+    pre = model.register_forward_pre_hook(enter)
+    post = model.register_forward_hook(leave, always_call=True)
+    model.__dict__[FP8_HOOKS] = (token, pre, post)
+
+
 def _restore(model: nn.Module, token: object | None) -> list[str]:
     restored = []
+    hooks = model.__dict__.get(FP8_HOOKS)
+    if hooks is not None and (token is None or hooks[0] is token):
+        hooks[1].remove()
+        hooks[2].remove()
+        del model.__dict__[FP8_HOOKS]
     for path, module in model.named_modules():
         record = module.__dict__.get(RECORD)
         if record is None or (token is not None and record.token is not token):

@@ -23,6 +23,7 @@ from kernels.swap.report import (
     SwapEntry,
     SwapReport,
     patch_instance,
+    run_in_fp8_mode,
 )
 from kernels.swap.rows import Site
 from kernels.swap.targets import TARGETS
@@ -149,15 +150,23 @@ class _Walk:
             self.report.left_alone.append(SwapEntry(path, f"{library} {name}", UNKNOWN))
 
 
-def swap(model: nn.Module, attention: bool = True, patch_embed: bool = True) -> SwapReport:
+def swap(model: nn.Module, attention: bool = True, patch_embed: bool = True, *, fp8: bool = False) -> SwapReport:
     """Put vitriton's kernels into ``model`` in place; returns a report (print it) with ``undo()``.
 
     ``attention`` and ``patch_embed`` choose what to replace. Parameters are not copied or moved:
     ``state_dict()`` is unchanged. Swapping a swapped model changes nothing and says so. A model
     with no attention or patch-embedding module at all is a ValueError.
+
+    ``fp8=True``, for an eval-mode model run without gradients: each call of the model runs in
+    ``kernels.fp8_mode()``, so every swapped attention layer quantises its q, k, v to e4m3
+    (``kernels.quantize_fp8``, per batch and head) and runs the FP8 forward, its output in the
+    layer's dtype. Packed-sequence layers (``attention_varlen``) stay in their dtype, with a warning.
+    A backward through it is a one-line error. ``undo()`` removes it with the rest.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap: expected a torch.nn.Module, got {type(model).__name__}")
+    if fp8 and not attention:
+        raise ValueError("swap: fp8=True runs the swapped attention in FP8; it needs attention=True")
     if "transformers" in sys.modules:
         register_transformers_attention()
     walk = _Walk(model, attention, patch_embed)
@@ -165,6 +174,9 @@ def swap(model: nn.Module, attention: bool = True, patch_embed: bool = True) -> 
         walk.visit(path, module)
     walk.report_unknown_attention()
     report = walk.report
+    if fp8:
+        run_in_fp8_mode(model, walk.token)
+        report.fp8 = True
     if not (report.replaced or report.already_swapped or report.left_alone):
         known = ", ".join(dict.fromkeys(f"{t.library} {t.class_name}" for t in TARGETS))
         raise ValueError(

@@ -39,3 +39,20 @@ def test_gpu_check_table_ratios_are_to_the_fastest_peer():
     assert "| c | broken | | | | | RuntimeError: no |" in table
     assert "| d | vitriton | 1.000 |  | no peer ran |  | views |" in table
     assert "| s | 1, 2, 3, 4 | pass |" in table
+
+
+@pytest.mark.interpreter
+def test_gpu_check_fp8_verdict_passes_the_kernel_and_fails_a_wrong_output(monkeypatch):
+    """Phase 5's check, run on the CPU through the interpreter at a tiny shape: the FP8 kernel's output
+    is within the bound; the same check fails an output 10% too large."""
+    import kernels
+    from bench import gpu_check, sass
+
+    monkeypatch.setattr(gpu_check, "DEVICE", "cpu")
+    monkeypatch.setitem(sass.SHAPES, "tiny", sass.Shape(batch=2, heads=2, tokens=37, head_dim=32, image=0, patch=1))
+    _, quantised = gpu_check._fp8_inputs("tiny", 2)
+    with kernels.use_backend("triton"):
+        assert gpu_check._fp8_result(quantised).startswith("pass (max error")
+        attention = kernels.attention
+        monkeypatch.setattr(kernels, "attention", lambda *args, **kwargs: attention(*args, **kwargs) * 1.1)
+        assert gpu_check._fp8_result(quantised).startswith("FAIL")

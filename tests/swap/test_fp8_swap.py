@@ -1,0 +1,81 @@
+"""``kernels.swap(model, fp8=True)``: the swapped attention layers of an eval-mode model in FP8, and
+what that does to accuracy end to end (issue 23, item 3).
+
+The tiny timm, torchvision, Hugging Face and vit models of tests/swap/test_swap.py (random weights,
+32x32 images, 16x16 patches, width 32, 2 heads of 16, 2 blocks), in bfloat16, swapped, through the
+Triton kernels (the interpreter on a CPU), on a fixed random batch of 16 images: their logits and
+top-1 classes against the unswapped model in float64, with FP8 attention and with bfloat16
+attention. FP8 must stay within 8 times bfloat16's error (at most 10% of the largest logit) and
+agree on the top-1 class of 14 of the 16 images; ``FP8_ERRORS`` collects the figures the README quotes
+(``pytest tests/swap/test_fp8_swap.py -s`` prints them).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import kernels
+from tests.swap.test_swap import CASES
+
+pytestmark = [pytest.mark.interpreter, pytest.mark.slow]
+MODELS = ["timm_vit_tiny_patch16_224", "torchvision_vit_b_16", "transformers_vit", "vit"]
+IMAGES = 16
+FP8_ERRORS: dict[str, tuple[float, float, float, float]] = {}
+
+
+def _logits(model, images):
+    with torch.no_grad():
+        out = model(images.to(next(model.parameters()).dtype))
+    return (out.logits if hasattr(out, "logits") else out).double()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fp8_swap_accuracy_against_float64(name):
+    torch.manual_seed(0)
+    original = CASES[name].build().eval()
+    size = CASES[name].image_size
+    images = torch.randn(IMAGES, 3, size, size, generator=torch.Generator().manual_seed(1))
+    reference = _logits(copy.deepcopy(original).double(), images)
+
+    bf16 = copy.deepcopy(original).bfloat16()
+    kernels.swap(bf16)
+    fp8 = copy.deepcopy(original).bfloat16()
+    report = kernels.swap(fp8, fp8=True)
+    assert "FP8" in str(report).splitlines()[0]
+    with kernels.use_backend("triton"):
+        bf16_logits, fp8_logits = _logits(bf16, images), _logits(fp8, images)
+    scale = reference.abs().max()
+    bf16_error = ((bf16_logits - reference).abs().max() / scale).item()
+    fp8_error = ((fp8_logits - reference).abs().max() / scale).item()
+    bf16_top1 = (bf16_logits.argmax(-1) == reference.argmax(-1)).double().mean().item()
+    fp8_top1 = (fp8_logits.argmax(-1) == reference.argmax(-1)).double().mean().item()
+    FP8_ERRORS[name] = (bf16_error, fp8_error, bf16_top1, fp8_top1)
+    print(f"\n{name}: max |logit error| / max |logit|: bf16 {bf16_error:.4f}, FP8 {fp8_error:.4f}; "
+          f"top-1 agreement with float64: bf16 {bf16_top1:.3f}, FP8 {fp8_top1:.3f}")
+    assert not torch.equal(fp8_logits, bf16_logits)  # FP8 ran: its rounding differs from bf16's
+    # e4m3 keeps 3 mantissa bits to bfloat16's 7: 16 times the rounding of each value, which the
+    # sums average down (measured: 2-5 times bfloat16's error on these models).
+    assert fp8_error <= min(8 * bf16_error, 0.1)
+    assert fp8_top1 >= 14 / 16
+
+
+def test_fp8_swap_is_undone_and_refuses_training():
+    torch.manual_seed(0)
+    model = CASES["timm_vit_tiny_patch16_224"].build().eval()
+    images = torch.randn(2, 3, 32, 32)
+    report = kernels.swap(model, fp8=True)
+    with kernels.use_backend("triton"):
+        fp8_logits = _logits(model, images)
+        model.train()
+        with pytest.raises(NotImplementedError, match="no backward") as raised:
+            model(images).sum().backward()
+        assert "\n" not in str(raised.value)
+        model.eval()
+        report.undo()
+        swapped_bf16_path = _logits(model, images)
+    assert not torch.equal(fp8_logits, swapped_bf16_path)  # undo() took FP8 away
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert not kernels.fp8.fp8_mode_on()  # the failed forward left the mode off

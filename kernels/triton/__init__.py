@@ -6,6 +6,7 @@ attention_fwd.py        the forward kernel (its narrow last block: ``_forward_ta
 attention_bwd.py        the backward's delta pre-pass, dK/dV kernel, and the dropout keep mask
 attention_bwd_dq.py     the backward's dQ kernel (and the bias gradient)
 attention_bwd_fused.py  the one-kernel backward (dQ by atomic adds), for long sequences
+attention_fp8.py        the FP8 (e4m3) inference forward: kernel, custom op, ``attention_fp8_triton``
 launch.py               the grid, constexprs, dense/packed layouts, one launcher per pass, fused or pair
 attention_ops.py        custom ops, autograd, ``attention_triton`` / ``attention_varlen_triton``
 sharding.py             DTensor sharding rules of every custom op
@@ -15,5 +16,5 @@ utils.py                the interpreter switch, the one dot product, bf16 roundi
 
 Each is checked against ``kernels.reference`` (tests/attention/test_triton.py,
 tests/attention/test_varlen_triton.py, test_fused_backward.py, test_narrow_last_block.py,
-tests/patch_embed/test_triton.py); their machine code in tests/machine/.
+tests/attention/test_fp8.py, tests/patch_embed/test_triton.py); their machine code in tests/machine/.
 """

@@ -25,9 +25,10 @@ a phase the clock stopped says so, and a second run, with Triton's cache warm, g
    same e4m3 values, within the bound of rounding P to e4m3 (tests/attention/test_fp8.py), then the
    forward timed on quantised inputs, with quantize_fp8 of bf16 q/k/v included, against our bf16
    forward and SDPA's flash and cuDNN backends.
-6. Blackwell, only on sm_100 (B200/GB200): the FP8 check at all four shapes, and our bf16 forward,
-   forward + backward and FP8 forward timed at ViT-H/14 and SigLIP (the head dims whose tiles
-   sm_100 prunes apart from sm_90); elsewhere one row saying it did not run.
+6. Blackwell, only on sm_100 (B200/GB200): the FP8 check at all four shapes, and our bf16 forward
+   (warp-specialised, and the sm_90 kernel for comparison), forward + backward and FP8 forward timed
+   at ViT-H/14 and SigLIP (the head dims whose tiles sm_100 prunes apart from sm_90); elsewhere one
+   row saying it did not run.
 7. Many GPUs, with 2 or more: the engine checks of tests/distributed/test_engines.py (DDP, FSDP2,
    FSDP2 with checkpointing, tensor parallel, torch.compile over DDP and FSDP2; FSDP2 x TP with 4
    GPUs) on CUDA with NCCL, one process per GPU, the Triton kernels compiled: tiny models against
@@ -528,6 +529,12 @@ def _fp8_phase(clock: Clock, limits, phase: str, checked: list[tuple[str, int]],
             quantised = None
             _free()
     providers = _fp8_providers()
+    if phase == "blackwell":
+        import kernels
+
+        providers["vitriton-bf16 not warp-specialised"] = (
+            "ours", lambda q, k, v, _: kernels.attention(q, k, v, backend="triton"), _without_warp_specialisation,
+        )
     for name, batch in timed:
         shape = SHAPES[name]
         (q, k, v), quantised = _fp8_inputs(name, batch)
@@ -566,6 +573,19 @@ def _fp8_phase(clock: Clock, limits, phase: str, checked: list[tuple[str, int]],
         q = k = v = quantised = qkv = grad_out = None
         _free()
     return correctness, timings
+
+
+@contextlib.contextmanager
+def _without_warp_specialisation():
+    """Our forward on sm_100 made to run the 16-bit kernel of sm_90 rather than the warp-specialised one."""
+    from kernels.triton import launch
+
+    saved = launch._ws_forward_wanted
+    launch._ws_forward_wanted = lambda *args: False
+    try:
+        yield
+    finally:
+        launch._ws_forward_wanted = saved
 
 
 def check_and_time_fp8(clock: Clock, limits) -> tuple[list[dict], list[dict]]:

@@ -96,8 +96,12 @@ SCORE_TILE = {
     "_attention_backward_q_kernel": ("BLOCK_M", "BLOCK_N"),
     "_attention_backward_fused_kernel": ("BLOCK_M", "BLOCK_N"),
     "_attention_fp8_forward_kernel": ("BLOCK_M", "BLOCK_N"),
+    "_attention_forward_ws_kernel": ("BLOCK_M", "BLOCK_N"),
 }
-FORWARD_KERNELS = {"_attention_forward_kernel", "_patch_embed_forward_kernel", "_attention_fp8_forward_kernel"}
+FORWARD_KERNELS = {
+    "_attention_forward_kernel", "_patch_embed_forward_kernel", "_attention_fp8_forward_kernel",
+    "_attention_forward_ws_kernel",
+}
 OPS = ("attention", "patch_embed")
 
 
@@ -377,8 +381,17 @@ def compile_launch(fn, args, kwargs, num_warps, num_stages, arch=ARCH) -> tuple[
         "shared": kernel.metadata.shared,
         "registers": int(registers.group(1)) if registers else None,
         "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else None,
+        "partitions": partitions(kernel.asm.get("ttgir", ""), num_warps),
     }
     return facts, kernel.asm["cubin"]
+
+
+def partitions(ttgir: str, num_warps: int) -> list[int]:
+    """The warps of each partition of a warp-specialised kernel, the default one (``num_warps``) first,
+    as its TTGIR's ``ttg.warp_specialize`` lays them out; [] for a kernel that is not."""
+    if "ttg.warp_specialize" not in ttgir:
+        return []
+    return [num_warps] + [int(w) for w in re.findall(r"^\s*partition\d+\(.*\) num_warps\((\d+)\)", ttgir, re.MULTILINE)]
 
 
 def probe_api(arch=ARCH) -> str | None:
@@ -558,9 +571,28 @@ def _load_width(opcode: str) -> int:
     return 32
 
 
-def analyse(sass: str, kernel: str, config: dict, num_warps: int) -> dict:
+def softmax_loop(code: list[tuple[int, str]]) -> tuple[int, int] | None:
+    """(first, last) address of the innermost loop with the most exponentials (``MUFU.EX2``): in a
+    warp-specialised attention kernel the softmax partition's loop, which holds no MMA."""
+    exponentials = [address for address, text in code if _opcode(text).startswith("MUFU.EX2")]
+
+    def count(loop):
+        return sum(loop[0] <= a <= loop[1] for a in exponentials)
+
+    with_exp = [loop for loop in loops(code) if count(loop) > 0]
+    innermost = [loop for loop in with_exp
+                 if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in with_exp)]
+    return max(innermost, key=lambda loop: (count(loop), -loop[0])) if innermost else None
+
+
+def analyse(sass: str, kernel: str, config: dict, num_warps: int, partition_warps: list[int] | None = None) -> dict:
     """Tensor-core instructions by family (``MMA_FAMILIES``), TMA and tensor-memory traffic, global
-    loads by width, and the main loop's length, from SASS of any architecture."""
+    loads by width, and the main loop's length, from SASS of any architecture.
+
+    A warp-specialised kernel (``partition_warps``, from ``partitions``) is read by its softmax
+    partition, the default one of ``num_warps`` warps: its loop (``softmax_loop``) is the main loop
+    reported, and its instructions per score are that loop's over the tile, issued by those warps
+    while the loader and MMA warps run beside them."""
     code = instructions(sass)
     bases = [_base(text) for _, text in code]
     loads: dict[int, int] = {}
@@ -579,7 +611,8 @@ def analyse(sass: str, kernel: str, config: dict, num_warps: int) -> dict:
         loop_instructions=None,
         instructions_per_score=None,
     )
-    loop = main_loop(code)
+    loop = softmax_loop(code) if partition_warps else main_loop(code)
+    facts["partitions"] = partition_warps or []
     if loop is not None:
         facts["loop_instructions"] = sum(loop[0] <= a <= loop[1] and _base(t) != "NOP" for a, t in code)
         if kernel in SCORE_TILE:
@@ -635,7 +668,7 @@ def compile_shape(name: str, dtype_name: str, out: Path, arch: int = ARCH, ops=O
                 entry.update(
                     registers=facts["registers"], spilled_bytes=facts["spill_bytes"], shared_memory=facts["shared"],
                     blocks_per_sm=blocks_per_sm(facts["registers"], facts["shared"], num_warps, arch),
-                    sass=str(path), **analyse(sass, fn.__name__, config, num_warps),
+                    sass=str(path), **analyse(sass, fn.__name__, config, num_warps, facts["partitions"]),
                 )
             entry["seconds"] = round(time.perf_counter() - start, 2)
             entries.append(entry)

@@ -15,6 +15,7 @@ from kernels.triton.attention_bwd import (
 from kernels.triton.attention_bwd_dq import _attention_backward_q_kernel
 from kernels.triton.attention_bwd_fused import _attention_backward_fused_kernel
 from kernels.triton.attention_fwd import _attention_forward_kernel
+from kernels.triton.attention_fwd_ws import launch_ws_forward, ws_forward_takes
 from kernels.triton.configs import (
     _PREPASS_BLOCK_M,
     LOG2E,
@@ -133,14 +134,24 @@ def _dense_layout(q, k) -> _Layout:
     return _Layout(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
+def _ws_forward_wanted(q, k, v, out, dropout_p) -> bool:
+    """Whether the forward runs the warp-specialised kernel (``attention_fwd_ws.py``): on sm_100,
+    where it can take the inputs (``ws_forward_takes``)."""
+    return is_sm100(target_arch(q)) and ws_forward_takes(q, k, v, out, dropout_p)
+
+
 def _launch_forward(layout, q, k, v, mask, dropout_seed, scale, dropout_p, is_causal, allow_tf32, out, stats):
-    """Fill ``out`` and ``stats`` with the forward kernel."""
+    """Fill ``out`` and ``stats`` with the forward kernel: warp-specialised on sm_100 where it can."""
     mask_ptr, mask_strides, mask_kind = _mask_arguments(q, k, mask)
     seed = dropout_seed if dropout_seed is not None else stats  # unread without dropout
     stride_stats, stride_stats_b, stride_stats_h = layout.stats_strides(stats)
 
     def grid(meta):
         return attention_grid(layout.seqlen_q, layout.batch * layout.heads, meta["BLOCK_M"])
+
+    if _ws_forward_wanted(q, k, v, out, dropout_p):
+        launch_ws_forward(layout, q, k, v, mask, scale, is_causal, out, stats, (mask_ptr, mask_strides, mask_kind), grid)
+        return
 
     constants = _kernel_constants(q, v, dropout_p, allow_tf32)
     split = _head_dim_split(q.shape[-1], v.shape[-1], constants["EXACT_FP32_DOTS"])

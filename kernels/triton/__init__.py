@@ -3,6 +3,7 @@
 configs.py              autotune tables and their pruning (per arch), mask kinds
 tiles.py                jit helpers every attention kernel shares (logits and masks, dropout, loads)
 attention_fwd.py        the forward kernel (its narrow last block: ``_forward_tail``)
+attention_fwd_ws.py     the warp-specialised forward sm_100 runs (TMA descriptors, partitions by role)
 attention_bwd.py        the backward's delta pre-pass, dK/dV kernel, and the dropout keep mask
 attention_bwd_dq.py     the backward's dQ kernel (and the bias gradient)
 attention_bwd_fused.py  the one-kernel backward (dQ by atomic adds), for long sequences
@@ -16,5 +17,5 @@ utils.py                the interpreter switch, the one dot product, bf16 roundi
 
 Each is checked against ``kernels.reference`` (tests/attention/test_triton.py,
 tests/attention/test_varlen_triton.py, test_fused_backward.py, test_narrow_last_block.py,
-tests/attention/test_fp8.py, tests/patch_embed/test_triton.py); their machine code in tests/machine/.
+tests/attention/test_fp8.py, test_ws_forward.py, tests/patch_embed/test_triton.py); their machine code in tests/machine/.
 """

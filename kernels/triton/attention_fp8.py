@@ -314,3 +314,8 @@ def fp8_target(tensor: torch.Tensor) -> str | None:
     arch = target_arch(tensor)
     return None if arch >= 89 else f"FP8 tensor cores need compute capability 8.9 or higher, got {arch // 10}.{arch % 10}"
 
+
+# DTensor sharding rule (kernels/triton/sharding.py).
+from kernels.triton import sharding
+
+sharding.register("attention_fp8_forward")

@@ -10,7 +10,8 @@ batch (dim 0) or the heads (dim 1), the statistics (2, B, H, Nq) on the same dim
 on that dim where it has one of full size, replicated where it broadcasts; and, without ``is_causal``
 or dropout, the queries sharded by sequence (dim 2) with k, v replicated: out sharded alike, dK, dV
 then partial sums (what ``context_parallel`` needs: see ``kernels.dispatch``). Varlen (total, H, D):
-the heads only, cu_seqlens replicated, the statistics (2, H, total) on dim 1. Patch projection: the
+the heads only, cu_seqlens replicated, the statistics (2, H, total) on dim 1. FP8 attention (forward
+only): the batch or the heads, its (B, H, 3) descales alike. Patch projection: the
 images on the batch with weight, bias, cls and pos replicated (the weight's gradient a partial sum),
 or the embedding dim (weight dim 0, tokens dim 2) with the images replicated (the images' gradient
 partial). Every rule also lists "all replicated", so any other placement (sequence-sharded keys,
@@ -32,6 +33,7 @@ _FIRST_SCALAR = {
     "attention_backward": 8,
     "attention_varlen_forward": 5,
     "attention_varlen_backward": 8,
+    "attention_fp8_forward": 5,
 }
 
 
@@ -65,6 +67,18 @@ def _attention_forward_rule(q, k, v, mask, dropout_seed, scale, dropout_p, is_ca
         s = Shard(2)
         rules.append(([s, Shard(3)], [s, r, r, _mask_placement(mask, 2), _or_none(dropout_seed, r)]))
     return [(out, [*inputs, None, None, None, None]) for out, inputs in rules]
+
+
+def _fp8_forward_rule(q, k, v, descales, mask, scale, is_causal, out_dtype):
+    """FP8 (inference, no statistics): batch or heads, the (B, H, 3) descales along; else replicated."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    r = Replicate()
+    rules = [([r], [r, r, r, r, _or_none(mask, r)])]
+    for dim in (0, 1):
+        s = Shard(dim)
+        rules.append(([s], [s, s, s, s, _mask_placement(mask, dim)]))
+    return [(out, [*inputs, None, None, None]) for out, inputs in rules]
 
 
 def _attention_backward_rule(
@@ -148,6 +162,7 @@ RULES = {
     "attention_backward": _attention_backward_rule,
     "attention_varlen_forward": _varlen_forward_rule,
     "attention_varlen_backward": _varlen_backward_rule,
+    "attention_fp8_forward": _fp8_forward_rule,
     "patch_embed_forward": _patch_embed_forward_rule,
     "patch_embed_grad_weight": _patch_embed_grad_weight_rule,
     "patch_embed_grad_images": _patch_embed_grad_images_rule,
@@ -224,8 +239,18 @@ def _patch_embed_forward_fake(images, weight, bias, cls_token, pos_embed):
     return images.new_empty((images.shape[0], n_prefix + n_patches, weight.shape[0]))
 
 
+def _fp8_forward_fake(q, k, v, descales, mask, scale, is_causal, out_dtype):
+    batch, heads, seqlen_q, _ = q.shape
+    head_dim_v = v.shape[3]
+    return torch.empty_strided(
+        (batch, heads, seqlen_q, head_dim_v), (seqlen_q * heads * head_dim_v, head_dim_v, heads * head_dim_v, 1),
+        device=q.device, dtype=out_dtype,
+    )
+
+
 _FAKES = {
     "attention_forward": _attention_forward_fake,
+    "attention_fp8_forward": _fp8_forward_fake,
     "attention_backward": _attention_backward_fake,
     "attention_varlen_forward": _varlen_forward_fake,
     "attention_varlen_backward": _varlen_backward_fake,

@@ -237,7 +237,40 @@ def check_patch_embed(mesh, backend: str) -> None:
             assert got == (local,), f"{name}: output {got}"
 
 
+def check_fp8(mesh) -> None:
+    """FP8 attention (the interpreter) on DTensors: by batch or heads (the descales alike) with no
+    communication, the output equal to one process's. (Other placements are redistributed as for
+    16-bit inputs, but gloo moves no float8 tensor: "Invalid scalar type"; not testable on a CPU.)"""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (NQ, NK, NK))
+    q8, k8, v8, *descales = kernels.quantize_fp8(q, k, v)
+    with torch.no_grad():
+        expected = kernels.attention(
+            q8, k8, v8, q_descale=descales[0], k_descale=descales[1], v_descale=descales[2], out_dtype=torch.float32,
+            backend="triton",
+        )
+        for qkv_placements, descale_placement, local in (
+            ((Shard(0),) * 3, Shard(0), True), ((Shard(1),) * 3, Shard(1), True), ((Replicate(),) * 3, Replicate(), True),
+        ):
+            tensors = [distribute_tensor(t, mesh, [p], src_data_rank=None) for t, p in zip((q8, k8, v8), qkv_placements)]
+            scales = [distribute_tensor(d, mesh, [descale_placement], src_data_rank=None) for d in descales]
+            with CommDebugMode() as comm:
+                out = kernels.attention(
+                    *tensors, q_descale=scales[0], k_descale=scales[1], v_descale=scales[2], out_dtype=torch.float32,
+                    backend="triton",
+                )
+            name = f"fp8 {qkv_placements}"
+            if local:
+                assert comm.get_total_counts() == 0, f"{name}: communication {comm.get_comm_counts()}"
+                assert out.placements == (descale_placement,), f"{name}: output {out.placements}"
+            _compare(name, out, expected)
+
+
 CHECKS = {
+    "fp8": check_fp8,
     "attention_triton": lambda mesh: check_attention(mesh, "triton"),
     "attention_einsum": lambda mesh: check_attention(mesh, "einsum"),
     "einsum_backward": check_einsum_backward,
@@ -266,8 +299,8 @@ def test_attention_sharded_by_batch_and_heads_is_local_and_the_rest_redistribute
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.interpreter
-def test_varlen_and_patch_embed_sharded():
-    launch(MODULE, ["varlen", "patch_embed_triton", "patch_embed_einsum"])
+def test_varlen_patch_embed_and_fp8_sharded():
+    launch(MODULE, ["varlen", "patch_embed_triton", "patch_embed_einsum", "fp8"])
 
 
 @pytest.mark.slow
@@ -293,7 +326,7 @@ def test_fake_kernels_match_the_real_outputs():
     """The shape-only fake kernels (what DTensor runs to learn output shapes) against the real ops."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from kernels.triton import attention_ops, patch_embed  # noqa: F401  (registers the ops)
+    from kernels.triton import attention_fp8, attention_ops, patch_embed  # noqa: F401  (registers the ops)
     from kernels.triton.sharding import _FAKES
 
     g = torch.Generator().manual_seed(4)
@@ -312,6 +345,8 @@ def test_fake_kernels_match_the_real_outputs():
         "attention_backward": (out, q, k, v, out, stats, bias, None, 0.25, 0.0, False, False, True),
         "attention_varlen_forward": (qp, kp, vp, cu_q, cu_k, 5, 7, None, 0.25, 0.0, False, False),
         "attention_varlen_backward": (out_p, qp, kp, vp, out_p, stats_p, cu_q, cu_k, 5, 7, None, 0.25, 0.0, False, False),
+        "attention_fp8_forward": (*(t.to(torch.float8_e4m3fn) for t in (q, k, v)), torch.ones(2, 3, 3), bias, 0.25,
+                                  False, torch.bfloat16),
         "patch_embed_forward": (images, weight, None, cls, pos),
         "patch_embed_grad_weight": (tokens[:, 2:], images, weight),
         "patch_embed_grad_images": (tokens[:, 2:], images, weight),

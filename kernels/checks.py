@@ -51,7 +51,7 @@ def _check_float(op: str, named: dict[str, torch.Tensor], fp8: bool = False) -> 
         if t.dtype in _FP8_DTYPES and not fp8:
             raise TypeError(
                 f"{op}: expected {name} in float16, bfloat16, float32 or float64, got {t.dtype} "
-                "(FP8 is taken by kernels.attention only, all of q, k, v in torch.float8_e4m3fn)"
+                "(FP8 is taken by kernels.attention and kernels.attention_varlen only, all of q, k, v in torch.float8_e4m3fn)"
             )
 
 

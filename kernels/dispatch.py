@@ -9,7 +9,6 @@ import functools
 import inspect
 import math
 import sys
-import warnings
 
 import torch
 
@@ -403,6 +402,10 @@ def attention_varlen(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     backend: str | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Attention within each of several packed sequences: q (total_q, H, D), k (total_k, H, D),
     v (total_k, H, Dv) -> (total_q, H, Dv), flash-attn's ``flash_attn_varlen_func`` layout.
@@ -418,13 +421,33 @@ def attention_varlen(
     host: the checks become a device-side assert, and the grid is sized by the int given, else
     by the packed length (correct, with idle programs: pass ints where you can).
     ``scale``, ``dropout_p`` and ``is_causal`` (top-left aligned per sequence) as ``attention``.
+    FP8 as ``attention``: e4m3 q, k, v with float32 descales of shape (n, H), one row per sequence,
+    or (1, H) for all of them (what ``kernels.quantize_fp8`` gives packed inputs); in
+    ``kernels.fp8_mode`` float inputs are quantised here.
     """
     op = "attention_varlen"
-    if fp8_mode_on():
-        warnings.warn(f"vitriton: {op}: FP8 attention takes dense (B, H, N, D) inputs only; packed sequences run in {q.dtype}", stacklevel=2)
+    fp8_inputs = any(isinstance(t, torch.Tensor) and t.dtype in FP8_DTYPES for t in (q, k, v))
+    if fp8_mode_on() and not fp8_inputs and all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        if (q_descale, k_descale, v_descale) != (None, None, None):
+            raise TypeError(f"{op}: descales are for FP8 q, k, v, got q in {q.dtype} (inside kernels.fp8_mode)")
+        if dropout_p:
+            raise ValueError(f"{op}: FP8 attention (kernels.swap(..., fp8=True)) is for eval mode: expected dropout_p=0, got {dropout_p}")
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise NotImplementedError(
+                f"{op}: FP8 attention (kernels.swap(..., fp8=True)) is for inference and has no backward; "
+                "run the model under torch.no_grad() or torch.inference_mode()"
+            )
+        out_dtype = q.dtype if out_dtype is None else out_dtype
+        q, k, v, q_descale, k_descale, v_descale = quantize_fp8(q, k, v)
+        fp8_inputs = True
+    if not fp8_inputs and (q_descale, k_descale, v_descale, out_dtype) != (None, None, None, None):
+        raise TypeError(
+            f"{op}: q_descale, k_descale, v_descale and out_dtype are for FP8 (torch.float8_e4m3fn) q, k, v, "
+            f"got q in {getattr(q, 'dtype', type(q).__name__)}"
+        )
     if _context_parallel_mesh() is not None:
         raise NotImplementedError(f"{op}: packed sequences inside torch's context_parallel are not supported")
-    device_type = _autocast_device([q, k, v])
+    device_type = None if fp8_inputs else _autocast_device([q, k, v])
     if device_type is not None:
         q, k, v = _autocast_cast(device_type, [q, k, v])
         with torch.autocast(device_type, enabled=False):
@@ -436,7 +459,7 @@ def attention_varlen(
         _check_tensor(op, name, t)
         if t.dim() != 3:
             raise ValueError(f"{op}: expected {name} of shape (total, H, D), got {tuple(t.shape)}")
-    _check_float(op, {"q": q, "k": k, "v": v})
+    _check_float(op, {"q": q, "k": k, "v": v}, fp8=fp8_inputs)
     _check_same(op, "dtype", {"q": q, "k": k, "v": v})
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         _check_tensor(op, name, t)
@@ -483,6 +506,12 @@ def attention_varlen(
     def cannot_take():
         return cannot_take_varlen(q, k, v, max_seqlen_q, max_seqlen_k, dropout_p)
 
+    if fp8_inputs:
+        return _attention_varlen_fp8(
+            op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, is_causal, backend,
+            (q_descale, k_descale, v_descale), out_dtype, cannot_take, compiling,
+        )
+
     if pick_backend(backend, op, [q, k, v], cannot_take) == "einsum":
         if compiling:  # one masked problem over the packed rows: no per-sequence split to read on the host
             return reference.attention_varlen_masked(
@@ -493,4 +522,46 @@ def attention_varlen(
         )
     return attention_varlen_triton(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, is_causal=is_causal
+    )
+
+
+def _attention_varlen_fp8(
+    op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, is_causal, backend,
+    descales, out_dtype, cannot_take, compiling,
+):
+    """``attention_varlen`` of checked packed e4m3 inputs: descales (n, H) or (1, H) broadcast to (n, H)."""
+    n_seqs, heads = cu_seqlens_q.numel() - 1, q.shape[1]
+    as_4d = q.unsqueeze(0).transpose(1, 2)  # (1, H, total, D): the dense checks' view, for the descales' shape
+    rows = []
+    for name, descale in zip(("q_descale", "k_descale", "v_descale"), descales):
+        if descale is not None and isinstance(descale, torch.Tensor) and descale.dim() == 2 and descale.shape[0] == 1:
+            descale = descale.expand(n_seqs, heads)
+        rows.append(descale)
+    batch_view = as_4d.expand(n_seqs, heads, *as_4d.shape[2:])
+    out_dtype = check_fp8_inputs(op, batch_view, k, v, None, *rows, out_dtype, dropout_p)
+    from kernels.triton.attention_fp8 import fp8_target
+
+    def kernel_cannot_take():
+        return cannot_take() or (fp8_target(q) if q.device.type == "cuda" else None)
+
+    if pick_backend(backend, op, [q, k, v], kernel_cannot_take) == "einsum":
+        lengths_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+        lengths_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+
+        def per_row(t, descale, lengths):  # (total, H, D) times its sequence's (H,) descale
+            if descale is None:
+                return t.float()
+            scales = torch.repeat_interleave(descale.float(), lengths.long(), dim=0, output_size=t.shape[0])
+            return t.float() * scales[:, :, None]
+
+        q, k, v = (per_row(t, d, n) for t, d, n in zip((q, k, v), rows, (lengths_q, lengths_k, lengths_k)))
+        attend = reference.attention_varlen_masked if compiling else reference.attention_varlen_reference
+        out = attend(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, 0.0, is_causal=is_causal, attend=reference.attention_fallback)
+        return out.to(out_dtype)
+    from kernels.triton.attention_fp8 import attention_fp8_varlen_triton
+
+    packed = packed_descales(batch_view, *rows)
+    return attention_fp8_varlen_triton(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, packed, scale, is_causal=is_causal,
+        out_dtype=out_dtype,
     )

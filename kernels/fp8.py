@@ -11,7 +11,9 @@ are dequantised to float32 and the fallback computes with them, without rounding
 to e4m3 as the kernel does (so the einsum path is the more accurate of the two).
 
 ``kernels.swap(model, fp8=True)`` runs the swapped attention layers of an eval-mode model through
-``quantize_fp8`` and the FP8 kernel (``fp8_attention`` below): its cost is stated there.
+``quantize_fp8`` and the FP8 kernel (``fp8_mode`` below); the cost of quantising is stated there.
+Packed sequences (``kernels.attention_varlen``) take descales of shape (n, H), one row per sequence,
+or (1, H) for all (what ``quantize_fp8`` gives packed (total, H, D) inputs).
 """
 
 from __future__ import annotations
@@ -29,50 +31,70 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def _per_head_scale(t: torch.Tensor) -> torch.Tensor:
     """float32 (B, H): each (batch, head) slice's largest magnitude over E4M3_MAX (1 for an all-zero
-    slice, NaN where the slice holds a NaN, inf where it holds an infinity)."""
-    amax = t.detach().abs().amax(dim=(2, 3)).float()
+    slice, NaN where the slice holds a NaN, inf where it holds an infinity); packed (total, H, D): (1, H)."""
+    amax = (t.detach().abs().amax(dim=(2, 3)) if t.dim() == 4 else t.detach().abs().amax(dim=(0, 2))[None]).float()
     return torch.where(amax == 0, torch.ones_like(amax), amax / E4M3_MAX)
 
 
+def _scaled(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``t`` over its (B, H) scale (dense), or its (1, H) one (packed)."""
+    return t.float() / (scale[:, :, None, None] if t.dim() == 4 else scale[0][None, :, None])
+
+
 def quantize_fp8(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, transpose_v: bool = True
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, transpose_v: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q8, k8, v8, q_descale, k_descale, v_descale): float q, k (B, H, N, D), v (B, H, Nk, Dv) in e4m3,
     each scaled per (batch, head) so its largest magnitude becomes 448, with float32 (B, H) descales.
+    Packed inputs (total, H, D), for ``kernels.attention_varlen``: one scale per head over every
+    sequence, descales (1, H).
 
     The cast rounds to nearest even and saturates (torch's e4m3 cast): a value is off by at most
     2**-4 of itself (relative), or 2**-10 of its slice's largest magnitude near zero (subnormals).
     A NaN or infinity in a slice makes its descale NaN or inf (and that slice's output NaN), never
     a silently finite answer.
 
-    ``transpose_v`` (the default): v8 is a (B, H, Nk, Dv) view of (B, H, Dv, Nk') memory (keys
-    contiguous, Nk' = Nk rounded up to 16 so each row starts 16-byte aligned), what FP8 tensor cores
-    read without a transpose in the kernel's loop. Its cost: this function is not fused with what
+    ``transpose_v`` (the default for dense inputs): v8 is a (B, H, Nk, Dv) view of (B, H, Dv, Nk')
+    memory (keys contiguous, Nk' = Nk rounded up to 16 so each row starts 16-byte aligned), what FP8
+    tensor cores read without a transpose in the kernel's loop. Packed inputs default to a row-major
+    v8: their sequences start at any row, so keys-contiguous rows would be read a byte at a time
+    (sm_90: loop 352 instructions at 64x64 against 363 row-major, which transposes through shared
+    memory; sm_100 reads row-major V with no transpose, 290). Its cost: this function is not fused with what
     produced q, k, v: it reads each of them twice (the maxima, then the cast) and writes a byte per
     element, about 5 bytes moved per element against the attention's own 2 (bf16 in, out).
     """
+    rank = q.dim() if isinstance(q, torch.Tensor) else 0
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point() or t.dtype in FP8_DTYPES:
+        if (not isinstance(t, torch.Tensor) or t.dim() not in (3, 4) or t.dim() != rank or not t.is_floating_point()
+                or t.dtype in FP8_DTYPES):
             described = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise TypeError(f"quantize_fp8: expected {name} a float16/bfloat16/float32 tensor (B, H, N, D), got {described}")
+            raise TypeError(
+                f"quantize_fp8: expected {name} a float16/bfloat16/float32 tensor (B, H, N, D), or (total, H, D) "
+                f"packed, like q, got {described}"
+            )
     scales = [_per_head_scale(t) for t in (q, k, v)]
-    q8, k8 = ((t.float() / s[:, :, None, None]).to(FP8) for t, s in zip((q, k), scales))
-    v_scaled = v.float() / scales[2][:, :, None, None]
-    if transpose_v:
-        batch, heads, n_keys, head_dim_v = v.shape
-        padded = -(-n_keys // 16) * 16
-        storage = torch.empty(batch, heads, head_dim_v, padded, device=v.device, dtype=FP8)
-        storage[..., :n_keys] = v_scaled.transpose(2, 3).to(FP8)
-        v8 = storage[..., :n_keys].transpose(2, 3)
-    else:
-        v8 = v_scaled.to(FP8)
-    return q8, k8, v8, *scales
+    q8, k8 = (_scaled(t, s).to(FP8) for t, s in zip((q, k), scales))
+    v_scaled = _scaled(v, scales[2])
+    if not (rank == 4 if transpose_v is None else transpose_v):
+        return q8, k8, v_scaled.to(FP8), *scales
+    # Keys last in memory, their count rounded up to 16 (16-byte rows): (B, H, Dv, Nk') or (H, Dv, total').
+    keys = v.shape[-2] if rank == 4 else v.shape[0]
+    padded = -(-keys // 16) * 16
+    to_keys_last = (0, 1, 3, 2) if rank == 4 else (1, 2, 0)
+    from_keys_last = (0, 1, 3, 2) if rank == 4 else (2, 0, 1)
+    storage_shape = [v.shape[i] for i in to_keys_last][:-1] + [padded]
+    storage = torch.empty(storage_shape, device=v.device, dtype=FP8)
+    storage[..., :keys] = v_scaled.permute(to_keys_last).to(FP8)
+    return q8, k8, storage[..., :keys].permute(from_keys_last), *scales
 
 
 def dequantize(t: torch.Tensor, descale: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """e4m3 (B, H, N, D) times its (B, H) descale (None: 1), in ``dtype``."""
+    """e4m3 (B, H, N, D) times its (B, H) descale, or packed (total, H, D) times its (1, H) one
+    (None: 1), in ``dtype``."""
     t = t.to(dtype)
-    return t if descale is None else t * descale.to(dtype)[:, :, None, None]
+    if descale is None:
+        return t
+    return t * (descale.to(dtype)[:, :, None, None] if t.dim() == 4 else descale.to(dtype)[0][None, :, None])
 
 
 def check_fp8_inputs(op, q, k, v, mask, q_descale, k_descale, v_descale, out_dtype, dropout_p) -> torch.dtype:
@@ -128,8 +150,9 @@ _fp8_mode: contextvars.ContextVar[bool] = contextvars.ContextVar("vitriton_fp8",
 
 @contextlib.contextmanager
 def fp8_mode(enabled: bool = True):
-    """``with fp8_mode(): model(x)``: every ``kernels.attention`` call of the block (this thread)
-    quantises its float q, k, v with ``quantize_fp8`` and runs FP8 attention, output in q's dtype."""
+    """``with fp8_mode(): model(x)``: every ``kernels.attention`` and ``kernels.attention_varlen`` call of
+    the block (this thread) quantises its float q, k, v with ``quantize_fp8`` and runs FP8 attention,
+    output in q's dtype."""
     token = _fp8_mode.set(bool(enabled))
     try:
         yield

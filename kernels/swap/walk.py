@@ -160,8 +160,8 @@ def swap(model: nn.Module, attention: bool = True, patch_embed: bool = True, *, 
     ``fp8=True``, for an eval-mode model run without gradients: each call of the model runs in
     ``kernels.fp8_mode()``, so every swapped attention layer quantises its q, k, v to e4m3
     (``kernels.quantize_fp8``, per batch and head) and runs the FP8 forward, its output in the
-    layer's dtype. Packed-sequence layers (``attention_varlen``) stay in their dtype, with a warning.
-    A backward through it is a one-line error. ``undo()`` removes it with the rest.
+    layer's dtype; packed-sequence layers (``attention_varlen``: the VLM towers) too, with one scale
+    per head. A backward through it is a one-line error. ``undo()`` removes it with the rest.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap: expected a torch.nn.Module, got {type(model).__name__}")

@@ -26,6 +26,7 @@ from kernels.triton.tiles import (
     _load_rows,
     _logits_base2,
     _offsets,
+    _sequence,
     _slice_offset,
 )
 from kernels.triton.utils import INTERPRETING, autotune_configs, rounded_to
@@ -145,12 +146,12 @@ def _fp8_block(
 
 @triton.autotune(
     configs=autotune_configs(_FP8_FORWARD_CONFIGS, _INTERPRETER_FP8_CONFIG),
-    key=["seqlen_q", "seqlen_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "IS_CAUSAL"],
+    key=["seqlen_q", "seqlen_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "IS_CAUSAL", "VARLEN"],
     prune_configs_by={"early_config_prune": _fp8_pruner},
 )
 @triton.jit
 def _attention_fp8_forward_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, descale_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, descale_ptr, out_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -160,14 +161,15 @@ def _attention_fp8_forward_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, LEAN: tl.constexpr,
     INTERPRETING: tl.constexpr, ROW_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, OUT_ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The output of one block of BLOCK_M query rows of one (batch, head), in out_ptr's dtype.
 
     LEAN: no mask, not causal and a scale >= 0: every whole block runs the lean body (its largest
     logit is its largest product, scaled), the last, partial one the masked body; otherwise every
     block is masked. ROW_ALIGN: q's and k's row alignment hint (``tiles._offsets``), V_ALIGN v's
-    (1 when its keys are contiguous), OUT_ALIGN the output's."""
+    (1 when its keys are contiguous), OUT_ALIGN the output's. VARLEN: a "batch" is a packed sequence
+    (``launch._Layout``), seqlen_q and seqlen_k the longest."""
     q_strides = (stride_qb, stride_qh, stride_qm, stride_qd)
     k_strides = (stride_kb, stride_kh, stride_kn, stride_kd)
     v_strides = (stride_vb, stride_vh, stride_vn, stride_vd)
@@ -188,6 +190,15 @@ def _attention_fp8_forward_kernel(
     k_descale = tl.load(descale_ptr + batch_head * 3 + 1)
     v_descale = tl.load(descale_ptr + batch_head * 3 + 2)
     scale_log2e = scale_log2e * q_descale * k_descale
+    if VARLEN:
+        start_q, seqlen_q = _sequence(cu_seqlens_q_ptr, batch)
+        start_k, seqlen_k = _sequence(cu_seqlens_k_ptr, batch)
+        if row_block * BLOCK_M >= seqlen_q:  # past this sequence's end (the grid fits the longest)
+            return
+        q_ptr += _offsets(start_q, stride_qm, ROW_ALIGN)
+        out_ptr += _offsets(start_q, stride_om, OUT_ALIGN)
+        k_ptr += _offsets(start_k, stride_kn, ROW_ALIGN)
+        v_ptr += start_k * stride_vn
 
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_rows(
@@ -242,6 +253,30 @@ def _alignment(t: torch.Tensor) -> int:
     return alignment
 
 
+def _launch_fp8(layout, q, k, v, descales, mask, scale, is_causal, out) -> None:
+    """Fill ``out`` with the FP8 kernel: dense (B, H, N, D) or packed (``layout.varlen``) inputs."""
+    from kernels.triton.launch import _mask_arguments, attention_grid
+
+    mask_ptr, mask_strides, mask_kind = _mask_arguments(q, k, mask)
+    v_keys_contiguous = layout.strides(v)[2] == 1 and v.shape[-1] > 1
+
+    def grid(meta):
+        return attention_grid(layout.seqlen_q, layout.batch * layout.heads, meta["BLOCK_M"])
+
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    torch.library.wrap_triton(_attention_fp8_forward_kernel)[grid](
+        q, k, v, mask_ptr, descales, out, *layout.cu_seqlens(descales),
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *mask_strides, *layout.strides(out),
+        layout.heads, layout.seqlen_q, layout.seqlen_k, scale * LOG2E,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_D=max(32, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
+        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, LEAN=mask is None and not is_causal and scale >= 0,
+        INTERPRETING=INTERPRETING,
+        ROW_ALIGN=min(_alignment(q), _alignment(k)), V_ALIGN=1 if v_keys_contiguous else _alignment(v),
+        OUT_ALIGN=_alignment(out), VARLEN=layout.varlen,
+    )
+
+
 @torch.library.triton_op("vitriton::attention_fp8_forward", mutates_args={})
 def attention_fp8_forward(
     q: torch.Tensor,
@@ -255,31 +290,41 @@ def attention_fp8_forward(
 ) -> torch.Tensor:
     """out (B, H, Nq, Dv) in ``out_dtype`` (in (B, Nq, H, Dv) memory, as the 16-bit forward's) of
     checked e4m3 inputs; ``descales`` (B, H, 3) float32 contiguous."""
-    from kernels.triton.launch import _mask_arguments, attention_grid
+    from kernels.triton.launch import _dense_layout
 
-    batch, heads, seqlen_q, head_dim = q.shape
+    batch, heads, seqlen_q, _ = q.shape
     head_dim_v = v.shape[3]
     out = torch.empty_strided(
         (batch, heads, seqlen_q, head_dim_v), (seqlen_q * heads * head_dim_v, head_dim_v, heads * head_dim_v, 1),
         device=q.device, dtype=out_dtype,
     )
-    mask_ptr, mask_strides, mask_kind = _mask_arguments(q, k, mask)
-    v_keys_contiguous = v.stride(2) == 1 and v.shape[3] > 1
+    _launch_fp8(_dense_layout(q, k), q, k, v, descales, mask, scale, is_causal, out)
+    return out
 
-    def grid(meta):
-        return attention_grid(seqlen_q, batch * heads, meta["BLOCK_M"])
 
-    torch.library.wrap_triton(_attention_fp8_forward_kernel)[grid](
-        q, k, v, mask_ptr, descales, out,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-        heads, seqlen_q, k.shape[2], scale * LOG2E,
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_D=max(32, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
-        MASK_KIND=mask_kind, IS_CAUSAL=is_causal, LEAN=mask is None and not is_causal and scale >= 0,
-        INTERPRETING=INTERPRETING,
-        ROW_ALIGN=min(_alignment(q), _alignment(k)), V_ALIGN=1 if v_keys_contiguous else _alignment(v),
-        OUT_ALIGN=_alignment(out),
-    )
+@torch.library.triton_op("vitriton::attention_fp8_varlen_forward", mutates_args={})
+def attention_fp8_varlen_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    descales: torch.Tensor,
+    scale: float,
+    is_causal: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """out (total_q, H, Dv) in ``out_dtype`` of checked packed e4m3 inputs; ``descales`` (n, H, 3)
+    float32 contiguous, one row per packed sequence."""
+    from kernels.triton.launch import _Layout
+
+    total_q, heads, _ = q.shape
+    out = torch.empty(total_q, heads, v.shape[2], device=q.device, dtype=out_dtype)
+    layout = _Layout(cu_seqlens_q.shape[0] - 1, heads, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
+    if layout.batch and max_seqlen_q:  # else no query rows: nothing to launch
+        _launch_fp8(layout, q, k, v, descales, None, scale, is_causal, out)
     return out
 
 
@@ -288,6 +333,7 @@ def _no_backward(ctx, *grads):
 
 
 attention_fp8_forward.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)
+attention_fp8_varlen_forward.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def attention_fp8_triton(
@@ -309,6 +355,29 @@ def attention_fp8_triton(
     return attention_fp8_forward(q, k, v, descales.contiguous(), mask, scale, bool(is_causal), out_dtype)
 
 
+def attention_fp8_varlen_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    descales: torch.Tensor,
+    scale: float | None = None,
+    *,
+    is_causal: bool = False,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """FP8 attention within each packed sequence, inputs checked by ``kernels.dispatch.attention_varlen``:
+    e4m3 q (total_q, H, D), k (total_k, H, D), v (total_k, H, Dv), ``descales`` (n, H, 3) float32."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return attention_fp8_varlen_forward(
+        q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k),
+        descales.contiguous(), scale, bool(is_causal), out_dtype,
+    )
+
+
 def fp8_target(tensor: torch.Tensor) -> str | None:
     """Why the FP8 kernel cannot run on this tensor's GPU (FP8 tensor cores are sm_89 and up), or None."""
     arch = target_arch(tensor)
@@ -318,4 +387,4 @@ def fp8_target(tensor: torch.Tensor) -> str | None:
 # DTensor sharding rule (kernels/triton/sharding.py).
 from kernels.triton import sharding
 
-sharding.register("attention_fp8_forward")
+sharding.register("attention_fp8_forward", "attention_fp8_varlen_forward")

@@ -11,7 +11,7 @@ on that dim where it has one of full size, replicated where it broadcasts; and, 
 or dropout, the queries sharded by sequence (dim 2) with k, v replicated: out sharded alike, dK, dV
 then partial sums (what ``context_parallel`` needs: see ``kernels.dispatch``). Varlen (total, H, D):
 the heads only, cu_seqlens replicated, the statistics (2, H, total) on dim 1. FP8 attention (forward
-only): the batch or the heads, its (B, H, 3) descales alike. Patch projection: the
+only): the batch or the heads, its (B, H, 3) descales alike; packed, the heads. Patch projection: the
 images on the batch with weight, bias, cls and pos replicated (the weight's gradient a partial sum),
 or the embedding dim (weight dim 0, tokens dim 2) with the images replicated (the images' gradient
 partial). Every rule also lists "all replicated", so any other placement (sequence-sharded keys,
@@ -34,6 +34,7 @@ _FIRST_SCALAR = {
     "attention_varlen_forward": 5,
     "attention_varlen_backward": 8,
     "attention_fp8_forward": 5,
+    "attention_fp8_varlen_forward": 5,
 }
 
 
@@ -79,6 +80,17 @@ def _fp8_forward_rule(q, k, v, descales, mask, scale, is_causal, out_dtype):
         s = Shard(dim)
         rules.append(([s], [s, s, s, s, _mask_placement(mask, dim)]))
     return [(out, [*inputs, None, None, None]) for out, inputs in rules]
+
+
+def _fp8_varlen_forward_rule(q, k, v, cu_seqlens_q, cu_seqlens_k, *scalars):
+    """Packed FP8: the heads (dim 1 of q, k, v, out and of the (n, H, 3) descales), cu_seqlens replicated."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    r, s = Replicate(), Shard(1)
+    return [
+        ([r], [r, r, r, r, r, None, None, r] + [None] * 3),
+        ([s], [s, s, s, r, r, None, None, s] + [None] * 3),
+    ]
 
 
 def _attention_backward_rule(
@@ -163,6 +175,7 @@ RULES = {
     "attention_varlen_forward": _varlen_forward_rule,
     "attention_varlen_backward": _varlen_backward_rule,
     "attention_fp8_forward": _fp8_forward_rule,
+    "attention_fp8_varlen_forward": _fp8_varlen_forward_rule,
     "patch_embed_forward": _patch_embed_forward_rule,
     "patch_embed_grad_weight": _patch_embed_grad_weight_rule,
     "patch_embed_grad_images": _patch_embed_grad_images_rule,
@@ -248,9 +261,15 @@ def _fp8_forward_fake(q, k, v, descales, mask, scale, is_causal, out_dtype):
     )
 
 
+def _fp8_varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, descales, scale,
+                             is_causal, out_dtype):
+    return torch.empty(q.shape[0], q.shape[1], v.shape[2], device=q.device, dtype=out_dtype)
+
+
 _FAKES = {
     "attention_forward": _attention_forward_fake,
     "attention_fp8_forward": _fp8_forward_fake,
+    "attention_fp8_varlen_forward": _fp8_varlen_forward_fake,
     "attention_backward": _attention_backward_fake,
     "attention_varlen_forward": _varlen_forward_fake,
     "attention_varlen_backward": _varlen_backward_fake,

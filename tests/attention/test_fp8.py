@@ -309,9 +309,11 @@ def test_errors():
         (ValueError, "for inference: expected dropout_p=0", lambda: attention(q8, k8, v8, dropout_p=0.1)),
         (NotImplementedError, "has no backward", lambda: attention(q8, k8, v8, v_descale=vd.requires_grad_())),
         (TypeError, "are for FP8 (torch.float8_e4m3fn) q, k, v", lambda: attention(bf16, bf16, bf16, q_descale=qd)),
-        (TypeError, "FP8 is taken by kernels.attention only", lambda: kernels.attention_varlen(
+        (TypeError, "FP8 is taken by kernels.attention and kernels.attention_varlen only", lambda: kernels.patch_embed(
+            torch.randn(1, 3, 8, 8).to(FP8), torch.randn(4, 3, 4, 4).to(FP8))),
+        (ValueError, "q_descale of shape (B, H) = (1, 2), got (3, 2)", lambda: kernels.attention_varlen(
             q8[0].transpose(0, 1), k8[0].transpose(0, 1), v8[0].transpose(0, 1),
-            torch.tensor([0, 8], dtype=torch.int32), torch.tensor([0, 8], dtype=torch.int32))),
+            torch.tensor([0, 8], dtype=torch.int32), torch.tensor([0, 8], dtype=torch.int32), q_descale=torch.ones(3, 2))),
         (TypeError, "expected q a float16/bfloat16/float32 tensor", lambda: kernels.quantize_fp8(q8, bf16, bf16)),
     ]
     for error, words, call in cases:
@@ -335,3 +337,61 @@ def test_fp8_mode_quantises_float_inputs():
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     with kernels.fp8_mode(), pytest.raises(NotImplementedError, match="no backward"):
         kernels.attention(q.requires_grad_(), k, v, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed sequences (kernels.attention_varlen).
+
+
+def _cu(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_varlen_is_the_dense_kernel_per_sequence(is_causal):
+    """Each packed sequence (lengths 5, 70, 0, 33; per-sequence descales (n, H)) gives exactly what
+    the dense kernel gives it alone, and the einsum path the float64 attention of its e4m3 values."""
+    lengths = [5, 70, 0, 33]
+    generator = torch.Generator().manual_seed(13)
+    q, k, v = torch.randn(sum(lengths), 3, 2, 32, generator=generator).unbind(1)
+    q8, k8, v8, *_ = kernels.quantize_fp8(q, k, v)
+    descales = [torch.rand(len(lengths), 2, generator=generator) * 0.02 + 0.005 for _ in range(3)]
+    cu = _cu(lengths)
+    out = kernels.attention_varlen(
+        q8, k8, v8, cu, cu, 70, 70, q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
+        out_dtype=torch.float32, is_causal=is_causal, backend="triton",
+    )
+    einsum = kernels.attention_varlen(
+        q8, k8, v8, cu, cu, 70, 70, q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
+        out_dtype=torch.float32, is_causal=is_causal, backend="einsum",
+    )
+    assert out.shape == (108, 2, 32)
+    for i, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if start == end:
+            continue
+        alone = [t[start:end].transpose(0, 1)[None] for t in (q8, k8, v8)]
+        scales = [d[i:i + 1] for d in descales]
+        dense = run_fp8((*alone, *scales), is_causal=is_causal)[0].transpose(0, 1)
+        torch.testing.assert_close(out[start:end], dense, rtol=0, atol=0)
+        expected, _ = plain(*alone, *scales, is_causal=is_causal)
+        torch.testing.assert_close(einsum[start:end].double(), expected[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_fp8_mode_and_packed_quantising():
+    """Packed float inputs in fp8_mode: quantize_fp8's (1, H) per-head scales, the same as quantising by hand."""
+    lengths = [40, 9]
+    generator = torch.Generator().manual_seed(14)
+    q, k, v = (t.bfloat16() for t in torch.randn(sum(lengths), 3, 2, 16, generator=generator).unbind(1))
+    cu = _cu(lengths)
+    q8, k8, v8, qd, kd, vd = kernels.quantize_fp8(q, k, v)
+    assert qd.shape == (1, 2) and v8.shape == v.shape and v8.stride(2) == 1  # packed: row-major (see quantize_fp8)
+    assert kernels.quantize_fp8(q, k, v, transpose_v=True)[2].stride(0) == 1  # keys contiguous when asked
+    back = dequantize(v8, vd)
+    assert ((back - v.float()).abs() <= 2.0**-4 * v.float().abs() + vd.max() * 2.0**-9).all()
+    with kernels.fp8_mode():
+        out = kernels.attention_varlen(q, k, v, cu, cu, 40, 40, backend="triton")
+    expected = kernels.attention_varlen(
+        q8, k8, v8, cu, cu, 40, 40, q_descale=qd, k_descale=kd, v_descale=vd, out_dtype=torch.bfloat16, backend="triton",
+    )
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -347,6 +347,8 @@ def test_fake_kernels_match_the_real_outputs():
         "attention_varlen_backward": (out_p, qp, kp, vp, out_p, stats_p, cu_q, cu_k, 5, 7, None, 0.25, 0.0, False, False),
         "attention_fp8_forward": (*(t.to(torch.float8_e4m3fn) for t in (q, k, v)), torch.ones(2, 3, 3), bias, 0.25,
                                   False, torch.bfloat16),
+        "attention_fp8_varlen_forward": (*(t.to(torch.float8_e4m3fn) for t in (qp, kp, vp)), cu_q, cu_k, 5, 7,
+                                         torch.ones(2, 3, 3), 0.25, False, torch.float16),
         "patch_embed_forward": (images, weight, None, cls, pos),
         "patch_embed_grad_weight": (tokens[:, 2:], images, weight),
         "patch_embed_grad_images": (tokens[:, 2:], images, weight),

@@ -91,3 +91,55 @@ def test_no_spills_and_instructions_per_score(compiled):
     heavy = [f"{_described(e)}: {e['instructions_per_score']}" for e in compiled
              if e["instructions_per_score"] is None or e["instructions_per_score"] > MAX_INSTRUCTIONS_PER_SCORE]
     assert not heavy, "\n".join(heavy)
+
+
+_VARLEN_FP8 = """
+import json, sys, torch
+from bench import sass
+sass.enable_ptxas_log()
+sass.install_recorder()
+fp8 = sys.modules["kernels.triton.attention_fp8"]
+lengths, heads, head_dim = [256, 729, 1024], 16, 64
+total, meta = sum(lengths), {"device": "meta", "dtype": torch.float8_e4m3fn}
+q, k, v = torch.empty(total, 3, heads, head_dim, **meta).unbind(1)  # v row-major: quantize_fp8's packed default
+cu = torch.empty(len(lengths) + 1, device="meta", dtype=torch.int32)
+descales = torch.empty(len(lengths), heads, 3, device="meta", dtype=torch.float32)
+entries = []
+for arch in (90, 100):
+    sys.modules["kernels.triton.configs"].AHEAD_OF_TIME_ARCH = arch
+    launches = sass.recorded(lambda: fp8.attention_fp8_varlen_forward._init_fn(
+        q, k, v, cu, cu, max(lengths), max(lengths), descales, head_dim**-0.5, False, torch.bfloat16))
+    for kernel, args, kwargs in launches:
+        fn, configs = sass.variants(kernel, args, kwargs)
+        for config, warps, stages in configs:
+            facts, cubin = sass.compile_launch(fn, args, {**kwargs, **config}, warps, stages, arch)
+            text = sass.disassemble(cubin)
+            code = sass.instructions(text)
+            loop = sass.main_loop(code)
+            opcodes = [sass._base(t) for a, t in code if loop and loop[0] <= a <= loop[1]]
+            facts.update(sass.analyse(text, fn.__name__, config, warps))
+            entries.append({"arch": arch, "config": config, "loop_opcodes": sorted(set(opcodes)),
+                            "loop_sts": opcodes.count("STS"), **facts})
+print(json.dumps(entries))
+"""
+
+
+def test_packed_fp8_forward_compiles_clean(tmp_path):
+    """The FP8 kernel on packed sequences (VARLEN, views of a packed qkv, v row-major as quantize_fp8
+    leaves packed inputs), sm_90 and sm_100: FP8 MMA in the loop, no spill, at most 12 instructions
+    per score; on sm_100 no STS in the loop (sm_90 transposes V there: 16-32 STS, 326-597 instructions)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.machine.test_sass import ROOT
+
+    environment = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT), "TRITON_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", _VARLEN_FP8], cwd=ROOT, env=environment, capture_output=True,
+                            text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    entries = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {e["arch"] for e in entries} == set(ARCHS)
+    for e in entries:
+        assert MMA[e["arch"]] in e["loop_opcodes"] and (e["arch"] == 90 or e["loop_sts"] == 0), e
+        assert e["spill_bytes"] == 0 and e["instructions_per_score"] <= MAX_INSTRUCTIONS_PER_SCORE, e

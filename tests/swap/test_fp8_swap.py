@@ -79,3 +79,32 @@ def test_fp8_swap_is_undone_and_refuses_training():
     assert not torch.equal(fp8_logits, swapped_bf16_path)  # undo() took FP8 away
     assert not model._forward_pre_hooks and not model._forward_hooks
     assert not kernels.fp8.fp8_mode_on()  # the failed forward left the mode off
+
+
+def test_fp8_swap_of_a_packed_vision_tower():
+    """Qwen2.5-VL's vision tower (three images packed, windowed and full layers: one attention_varlen
+    call per layer), bf16, swapped with fp8=True: its output against float64, beside bf16's."""
+    pytest.importorskip("transformers")
+    from tests.swap.test_varlen import GRID, PATCH, TEMPORAL, _output, qwen2_5_vl
+
+    torch.manual_seed(0)
+    model64 = qwen2_5_vl().double().eval()
+    pixels = torch.randn(int(GRID.prod(-1).sum()), 3 * TEMPORAL * PATCH * PATCH, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = _output(model64, pixels.double())
+    errors = {}
+    for fp8 in (False, True):
+        model = qwen2_5_vl().bfloat16().eval()
+        model.load_state_dict(model64.state_dict())
+        kernels.swap(model, fp8=fp8)
+        calls = []
+        varlen = kernels.dispatch.attention_varlen
+        with pytest.MonkeyPatch.context() as patch, kernels.use_backend("triton"), torch.no_grad():
+            patch.setattr(kernels.dispatch, "attention_varlen",
+                          lambda *a, _calls=calls, _varlen=varlen, **kw: _calls.append(1) or _varlen(*a, **kw))
+            out = _output(model, pixels.bfloat16()).double()
+        assert len(calls) == 2
+        errors[fp8] = ((out - expected).abs().max() / expected.abs().max()).item()
+    print(f"\nqwen2_5_vl tower: max |error| / max |output|: bf16 {errors[False]:.4f}, FP8 {errors[True]:.4f}")
+    assert errors[True] != errors[False]  # FP8 ran
+    assert errors[True] <= min(8 * errors[False], 0.1)

@@ -160,5 +160,11 @@ def fp8_mode(enabled: bool = True):
         _fp8_mode.reset(token)
 
 
+# The same switch inside a graph torch.compile traces, where a ContextVar cannot be set: swap's hooks
+# count up and down on this module attribute instead, a side effect Dynamo traces (the graph is
+# traced in FP8; the count is back to 0 when it has run, so no other call sees it).
+compiled_fp8_depth = 0
+
+
 def fp8_mode_on() -> bool:
-    return _fp8_mode.get()
+    return _fp8_mode.get() or compiled_fp8_depth > 0

@@ -173,17 +173,25 @@ FP8_HOOKS = "_vitriton_fp8"  # the root module's (token, pre-hook handle, hook h
 def run_in_fp8_mode(model: nn.Module, token: object) -> None:
     """Make each call of ``model`` run inside ``kernels.fp8_mode()`` (forward hooks on the root; the
     closing one runs even when the forward raises), until undone."""
-    from kernels.fp8 import _fp8_mode
+    import torch
+
+    from kernels import fp8
 
     if FP8_HOOKS in model.__dict__:
         return
     entered = []  # the mode's reset tokens, one per call in progress (a model may call itself)
 
     def enter(module, args):
-        entered.append(_fp8_mode.set(True))
+        if torch.compiler.is_compiling():  # a ContextVar cannot be set in a traced graph: see fp8.compiled_fp8_depth
+            fp8.compiled_fp8_depth += 1
+        else:
+            entered.append(fp8._fp8_mode.set(True))
 
     def leave(module, args, output):
-        _fp8_mode.reset(entered.pop())
+        if torch.compiler.is_compiling():
+            fp8.compiled_fp8_depth -= 1
+        else:
+            fp8._fp8_mode.reset(entered.pop())
 
     pre = model.register_forward_pre_hook(enter)
     post = model.register_forward_hook(leave, always_call=True)

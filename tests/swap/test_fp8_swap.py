@@ -108,3 +108,22 @@ def test_fp8_swap_of_a_packed_vision_tower():
     print(f"\nqwen2_5_vl tower: max |error| / max |output|: bf16 {errors[False]:.4f}, FP8 {errors[True]:.4f}")
     assert errors[True] != errors[False]  # FP8 ran
     assert errors[True] <= min(8 * errors[False], 0.1)
+
+
+def test_fp8_swapped_model_compiles_fullgraph():
+    """swap(fp8=True) under torch.compile(fullgraph=True) (aot_eager, the einsum backend on a CPU): the
+    hooks' switch traces (kernels.fp8.compiled_fp8_depth), the output is the eager FP8 one, and after
+    the call nothing else runs in FP8."""
+    from kernels import fp8
+
+    torch.manual_seed(0)
+    model = CASES["timm_vit_tiny_patch16_224"].build().eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), kernels.use_backend("einsum"):
+        plain = _logits(model, images)
+        kernels.swap(model, fp8=True)
+        eager = _logits(model, images)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(images)
+    assert not torch.equal(eager, plain)
+    torch.testing.assert_close(compiled.double(), eager, rtol=0, atol=0)
+    assert fp8.compiled_fp8_depth == 0 and not fp8.fp8_mode_on()

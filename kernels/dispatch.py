@@ -186,24 +186,33 @@ def attention(
     return attention_triton(q, k, v, mask, scale, dropout_p, is_causal=is_causal)
 
 
+def _quantised_in_fp8_mode(op, q, k, v, mask, descales, dropout_p, out_dtype):
+    """(q8, k8, v8, q_descale, k_descale, v_descale, out dtype): float inputs quantised for FP8 inside
+    ``kernels.fp8_mode`` (``kernels.swap(..., fp8=True)``), after its own one-line errors."""
+    if descales != (None, None, None):
+        raise TypeError(f"{op}: descales are for FP8 q, k, v, got q in {q.dtype} (inside kernels.fp8_mode)")
+    if dropout_p:
+        raise ValueError(f"{op}: FP8 attention (kernels.swap(..., fp8=True)) is for eval mode: expected dropout_p=0, got {dropout_p}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)):
+        raise NotImplementedError(
+            f"{op}: FP8 attention (kernels.swap(..., fp8=True)) is for inference and has no backward; "
+            "run the model under torch.no_grad() or torch.inference_mode()"
+        )
+    return (*quantize_fp8(q, k, v), q.dtype if out_dtype is None else out_dtype)
+
+
 def _attention_fp8(
     op, q, k, v, mask, scale, dropout_p, is_causal, backend, q_descale, k_descale, v_descale, out_dtype, quantize
 ):
     """``attention`` of FP8 inputs, or (``quantize``, in ``fp8_mode``) of float ones quantised here,
     returned in q's dtype."""
+    if _context_parallel_mesh() is not None:
+        raise NotImplementedError(f"{op}: FP8 attention inside torch's context_parallel is not supported")
     scale, dropout_p, is_causal = _check_attention_inputs(op, q, k, v, mask, scale, dropout_p, is_causal, fp8=not quantize)
     if quantize:
-        if (q_descale, k_descale, v_descale) != (None, None, None):
-            raise TypeError(f"{op}: descales are for FP8 q, k, v, got q in {q.dtype} (inside kernels.fp8_mode)")
-        out_dtype = q.dtype if out_dtype is None else out_dtype
-        if dropout_p:
-            raise ValueError(f"{op}: FP8 attention (kernels.swap(..., fp8=True)) is for eval mode: expected dropout_p=0, got {dropout_p}")
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)):
-            raise NotImplementedError(
-                f"{op}: FP8 attention (kernels.swap(..., fp8=True)) is for inference and has no backward; "
-                "run the model under torch.no_grad() or torch.inference_mode()"
-            )
-        q, k, v, q_descale, k_descale, v_descale = quantize_fp8(q, k, v)
+        q, k, v, q_descale, k_descale, v_descale, out_dtype = _quantised_in_fp8_mode(
+            op, q, k, v, mask, (q_descale, k_descale, v_descale), dropout_p, out_dtype
+        )
     out_dtype = check_fp8_inputs(op, q, k, v, mask, q_descale, k_descale, v_descale, out_dtype, dropout_p)
     from kernels.triton.attention_fp8 import fp8_target
 
@@ -428,17 +437,9 @@ def attention_varlen(
     op = "attention_varlen"
     fp8_inputs = any(isinstance(t, torch.Tensor) and t.dtype in FP8_DTYPES for t in (q, k, v))
     if fp8_mode_on() and not fp8_inputs and all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-        if (q_descale, k_descale, v_descale) != (None, None, None):
-            raise TypeError(f"{op}: descales are for FP8 q, k, v, got q in {q.dtype} (inside kernels.fp8_mode)")
-        if dropout_p:
-            raise ValueError(f"{op}: FP8 attention (kernels.swap(..., fp8=True)) is for eval mode: expected dropout_p=0, got {dropout_p}")
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            raise NotImplementedError(
-                f"{op}: FP8 attention (kernels.swap(..., fp8=True)) is for inference and has no backward; "
-                "run the model under torch.no_grad() or torch.inference_mode()"
-            )
-        out_dtype = q.dtype if out_dtype is None else out_dtype
-        q, k, v, q_descale, k_descale, v_descale = quantize_fp8(q, k, v)
+        q, k, v, q_descale, k_descale, v_descale, out_dtype = _quantised_in_fp8_mode(
+            op, q, k, v, None, (q_descale, k_descale, v_descale), dropout_p, out_dtype
+        )
         fp8_inputs = True
     if not fp8_inputs and (q_descale, k_descale, v_descale, out_dtype) != (None, None, None, None):
         raise TypeError(

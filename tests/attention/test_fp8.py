@@ -395,3 +395,13 @@ def test_varlen_fp8_mode_and_packed_quantising():
     )
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_fp8_inside_context_parallel_is_refused(monkeypatch):
+    """Under context_parallel each rank holds a slice of the keys: FP8 (which does not gather them) says so."""
+    from kernels import dispatch
+
+    q8, k8, v8, *_ = fp8_inputs(batch=1, heads=1, seqlen_q=8, seqlen_k=8, head_dim=32)
+    monkeypatch.setattr(dispatch, "_context_parallel_mesh", lambda: object())
+    with pytest.raises(NotImplementedError, match="FP8 attention inside torch's context_parallel is not supported"):
+        kernels.attention(q8, k8, v8, backend="triton")

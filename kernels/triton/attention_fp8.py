@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.configs import LOG2E, target_arch
+from kernels.triton.configs import LOG2E, _block_d_pruner, target_arch
 from kernels.triton.tiles import (
     _load_rows,
     _logits_base2,
@@ -48,17 +48,7 @@ _FP8_FORWARD_CONFIGS = [
 _INTERPRETER_FP8_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 
 
-def _fp8_pruner(configs, named_args, **kwargs):
-    """The configs ``_FP8_FORWARD_TABLE`` lists at this BLOCK_D (the larger of q's and v's padded
-    head dims); a config the table does not name (a test's own) is kept; if none is left, all."""
-    block_d = max(kwargs.get("BLOCK_D", named_args.get("BLOCK_D")), kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV")))
-    listed = {(m, n, w, s): dims for m, n, w, s, dims in _FP8_FORWARD_TABLE}
-
-    def tried(config):
-        dims = listed.get((config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages))
-        return dims is None or block_d in dims
-
-    return [c for c in configs if tried(c)] or configs
+_fp8_pruner = _block_d_pruner(_FP8_FORWARD_TABLE)
 
 
 @triton.jit

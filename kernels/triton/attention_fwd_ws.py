@@ -15,14 +15,14 @@ whose strides and slices TMA can address (16-byte aligned; ``ws_forward_takes``)
 ends (they are made per program), so a TMA box never reads the next sequence.
 Head dims are padded to a power of two (no split of 72-96). The whole blocks of keys run the lean
 body in the warp-specialised loop; the last, partial block (and every block under a mask or causal)
-the masked body. Machine code: ``tests/machine/test_sm100_ws.py``.
+the masked body. Machine code: ``tests/machine/test_sm100_sass.py``.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.configs import _AUTOTUNE_KEY, LOG2E, MASK_NONE
+from kernels.triton.configs import _AUTOTUNE_KEY, LOG2E, MASK_NONE, _block_d_pruner
 from kernels.triton.tiles import _logits_base2, _offsets, _sequence
 from kernels.triton.utils import INTERPRETING, autotune_configs, dot, rounded_to
 
@@ -36,17 +36,7 @@ _WS_FORWARD_CONFIGS = [
 _INTERPRETER_WS_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 
 
-def _ws_pruner(configs, named_args, **kwargs):
-    """The configs ``_WS_FORWARD_TABLE`` lists at this BLOCK_D (the larger of q's and v's); a config it
-    does not name (a test's own) is kept; if none is left, all."""
-    block_d = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
-    listed = {(m, n, w, s): dims for m, n, w, s, dims in _WS_FORWARD_TABLE}
-
-    def tried(config):
-        dims = listed.get((config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages))
-        return dims is None or block_d in dims
-
-    return [c for c in configs if tried(c)] or configs
+_ws_pruner = _block_d_pruner(_WS_FORWARD_TABLE)
 
 
 @triton.jit

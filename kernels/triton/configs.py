@@ -165,6 +165,26 @@ def _pruner(table, split_as_padded=False, sm100_spills_at_split=frozenset()):
     return prune
 
 
+def _block_d_pruner(table):
+    """An ``early_config_prune`` for a table of (BLOCK_M, BLOCK_N, num_warps, num_stages, the BLOCK_D
+    it is tried at): the configs listed at the launch's BLOCK_D (the larger of BLOCK_D and BLOCK_DV);
+    a config the table does not name (a test's own) is kept; if none is left, all of them. The
+    FP8 and warp-specialised forwards' tables, which have no dot kinds."""
+    listed = {(block_m, block_n, warps, stages): dims for block_m, block_n, warps, stages, dims in table}
+
+    def prune(configs, named_args, **kwargs):
+        arguments = {**named_args, **kwargs}
+        block_d = max(arguments["BLOCK_D"], arguments["BLOCK_DV"])
+
+        def tried(config):
+            dims = listed.get((config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages))
+            return dims is None or block_d in dims
+
+        return [c for c in configs if tried(c)] or configs
+
+    return prune
+
+
 FORWARD_CONFIGS = _configs(_FORWARD_TABLE)
 BACKWARD_KV_CONFIGS = _configs(_BACKWARD_KV_TABLE)
 BACKWARD_Q_CONFIGS = _configs(_BACKWARD_Q_TABLE, _BACKWARD_Q_WHOLE_TAIL)

@@ -23,6 +23,7 @@ import triton.language as tl
 import kernels
 from kernels.fp8 import E4M3_MAX, FP8, dequantize
 from kernels.triton.attention_fp8 import _INTERPRETER_FP8_CONFIG, round_to_e4m3
+from tests.equivalence import DEVICE
 
 pytestmark = pytest.mark.interpreter
 LOG2E = math.log2(math.e)
@@ -56,9 +57,10 @@ def every_e4m3_case() -> torch.Tensor:
 
 def test_round_to_e4m3_is_torchs_cast():
     cases = every_e4m3_case()
-    rounded = torch.empty_like(cases)
-    as_fp8 = torch.empty(cases.shape, dtype=FP8)
-    _round_kernel[(triton.cdiv(cases.numel(), 1024),)](cases, rounded, as_fp8, cases.numel(), BLOCK=1024)
+    rounded = torch.empty_like(cases, device=DEVICE)
+    as_fp8 = torch.empty(cases.shape, dtype=FP8, device=DEVICE)
+    _round_kernel[(triton.cdiv(cases.numel(), 1024),)](cases.to(DEVICE), rounded, as_fp8, cases.numel(), BLOCK=1024)
+    rounded, as_fp8 = rounded.cpu(), as_fp8.cpu()
     expected = cases.to(FP8).float()
     assert torch.equal(rounded.isnan(), expected.isnan())
     finite = ~expected.isnan()
@@ -78,11 +80,17 @@ def fp8_inputs(batch=2, heads=3, seqlen_q=75, seqlen_k=75, head_dim=64, head_dim
     q = torch.randn(batch, heads, seqlen_q, head_dim, generator=generator) * 2
     k = torch.randn(batch, heads, seqlen_k, head_dim, generator=generator)
     v = torch.randn(batch, heads, seqlen_k, head_dim_v, generator=generator) * 3
-    return kernels.quantize_fp8(q, k, v, transpose_v=transpose_v)
+    return kernels.quantize_fp8(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), transpose_v=transpose_v)
+
+
+def cpu(*tensors):
+    """The tensors (or None) on the CPU, where the references compute."""
+    return [t if t is None else t.cpu() for t in tensors]
 
 
 def logits_base2(q8, k8, q_descale, k_descale, mask, scale, is_causal):
     """float64 (B, H, Nq, Nk) logits in base 2, -inf where masked, as the kernel forms them."""
+    q8, k8, q_descale, k_descale, mask = cpu(q8, k8, q_descale, k_descale, mask)
     products = dequantize(q8, q_descale, torch.float64) @ dequantize(k8, k_descale, torch.float64).transpose(-1, -2)
     logits = products * scale * LOG2E
     allowed = torch.ones_like(logits, dtype=torch.bool)
@@ -101,6 +109,7 @@ def emulated(q8, k8, v8, q_descale, k_descale, v_descale, mask=None, scale=None,
     scale = q8.shape[-1] ** -0.5 if scale is None else scale
     block_n = block_n or _INTERPRETER_FP8_CONFIG.kwargs["BLOCK_N"]
     logits = logits_base2(q8, k8, q_descale, k_descale, mask, scale, is_causal)
+    v8, v_descale = cpu(v8, v_descale)
     values = v8.double()
     row_max = torch.full(logits.shape[:-1], -math.inf, dtype=torch.float64)
     row_sum = torch.zeros_like(row_max)
@@ -124,15 +133,17 @@ def plain(q8, k8, v8, q_descale, k_descale, v_descale, mask=None, scale=None, is
     row_max = logits.amax(-1, keepdim=True)
     probs = torch.exp2(logits - row_max.masked_fill(row_max == -math.inf, 0.0))
     weights = probs / probs.sum(-1, keepdim=True).masked_fill(probs.sum(-1, keepdim=True) == 0, 1.0)
+    v8, v_descale = cpu(v8, v_descale)
     return weights @ dequantize(v8, v_descale, torch.float64), weights
 
 
 def run_fp8(inputs, mask=None, is_causal=False, out_dtype=torch.float32, backend="triton", scale=None):
+    """kernels.attention of FP8 ``inputs`` (on DEVICE), its output on the CPU."""
     q8, k8, v8, qd, kd, vd = inputs
     return kernels.attention(
-        q8, k8, v8, mask, q_descale=qd, k_descale=kd, v_descale=vd, out_dtype=out_dtype, backend=backend,
-        is_causal=is_causal, scale=scale,
-    )
+        q8, k8, v8, None if mask is None else mask.to(DEVICE), q_descale=qd, k_descale=kd, v_descale=vd,
+        out_dtype=out_dtype, backend=backend, is_causal=is_causal, scale=scale,
+    ).cpu()
 
 
 def assert_close_but_for_ties(out, expected, rtol, atol, max_rows_off=2, off_bound=None):
@@ -206,7 +217,7 @@ def test_einsum_path_is_float64_of_the_dequantised_inputs(kind):
 def test_default_output_is_bfloat16_and_matches_float32_output():
     inputs = fp8_inputs(seed=5)
     q8, k8, v8, qd, kd, vd = inputs
-    out = kernels.attention(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd, backend="triton")
+    out = kernels.attention(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd, backend="triton").cpu()
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, run_fp8(inputs).bfloat16(), rtol=2.0**-8, atol=0)
 
@@ -216,21 +227,21 @@ def test_row_major_v_gives_the_same_output():
     transposed = fp8_inputs(seed=6)
     row_major = fp8_inputs(seed=6, transpose_v=False)
     assert transposed[2].stride(2) == 1 and row_major[2].stride(3) == 1
-    assert torch.equal(transposed[2].float(), row_major[2].float())
+    assert torch.equal(transposed[2].float().cpu(), row_major[2].float().cpu())
     torch.testing.assert_close(run_fp8(transposed), run_fp8(row_major), rtol=0, atol=0)
 
 
 def test_descales_none_mean_one_and_fold_into_the_scale():
     q8, k8, v8, *_ = fp8_inputs(seed=7)
-    ones = torch.ones(2, 3)
-    out = kernels.attention(q8, k8, v8, out_dtype=torch.float32, backend="triton")
+    ones = torch.ones(2, 3, device=DEVICE)
+    out = kernels.attention(q8, k8, v8, out_dtype=torch.float32, backend="triton").cpu()
     expected = emulated(q8, k8, v8, ones, ones, ones)
     assert_close_but_for_ties(out, expected, rtol=1e-5, atol=1e-5 * 448)
     # Descales of 2 on q and 0.5 on k cancel in the logits; 3 on v triples the output.
     halves, twos, threes = ones * 0.5, ones * 2, ones * 3
     scaled = kernels.attention(
         q8, k8, v8, q_descale=twos, k_descale=halves, v_descale=threes, out_dtype=torch.float32, backend="triton"
-    )
+    ).cpu()
     torch.testing.assert_close(scaled, out * 3, rtol=1e-6, atol=1e-6)
 
 
@@ -246,7 +257,7 @@ def test_fully_masked_rows_are_zero():
 def test_quantize_fp8_error_is_e4m3s():
     generator = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(2, 3, 40, 32, generator=generator) * 10 for _ in range(3))
-    q8, k8, v8, qd, kd, vd = kernels.quantize_fp8(q, k, v)
+    q8, k8, v8, qd, kd, vd = cpu(*kernels.quantize_fp8(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)))
     for real, quantised, descale in ((q, q8, qd), (k, k8, kd), (v, v8, vd)):
         assert quantised.dtype == FP8 and descale.shape == (2, 3) and descale.dtype == torch.float32
         back = dequantize(quantised, descale)
@@ -272,7 +283,7 @@ def test_saturation_and_non_finite_inputs():
         for bad in (math.inf, math.nan):
             tensors = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
             tensors[name][1, 0, 3, 5] = bad
-            inputs = kernels.quantize_fp8(tensors["q"], tensors["k"], tensors["v"])
+            inputs = kernels.quantize_fp8(*(tensors[name].to(DEVICE) for name in ("q", "k", "v")))
             out = run_fp8(inputs)
             assert out[1, 0].isnan().any(), (name, bad)
             assert out[0].isfinite().all() and out[1, 1].isfinite().all(), (name, bad)  # other slices untouched
@@ -282,7 +293,7 @@ def test_nan_bits_in_fp8_k_reach_the_output():
     q8, k8, v8, qd, kd, vd = fp8_inputs(seed=11)
     k8 = k8.clone()
     k8[0, 1, 7, 3] = math.nan
-    out = kernels.attention(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd, backend="triton")
+    out = kernels.attention(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd, backend="triton").cpu()
     assert out[0, 1].isnan().all()  # every row attends key 7
     assert out[1].isfinite().all()
 
@@ -293,7 +304,7 @@ def test_nan_bits_in_fp8_k_reach_the_output():
 
 def test_errors():
     q8, k8, v8, qd, kd, vd = fp8_inputs(batch=1, heads=2, seqlen_q=8, seqlen_k=8, head_dim=32)
-    bf16 = torch.randn(1, 2, 8, 32, dtype=torch.bfloat16)
+    bf16 = torch.randn(1, 2, 8, 32, dtype=torch.bfloat16, device=DEVICE)
 
     def attention(*args, **kwargs):
         return kernels.attention(*args, **{"backend": "triton", **kwargs})
@@ -310,10 +321,10 @@ def test_errors():
         (NotImplementedError, "has no backward", lambda: attention(q8, k8, v8, v_descale=vd.requires_grad_())),
         (TypeError, "are for FP8 (torch.float8_e4m3fn) q, k, v", lambda: attention(bf16, bf16, bf16, q_descale=qd)),
         (TypeError, "FP8 is taken by kernels.attention and kernels.attention_varlen only", lambda: kernels.patch_embed(
-            torch.randn(1, 3, 8, 8).to(FP8), torch.randn(4, 3, 4, 4).to(FP8))),
+            torch.randn(1, 3, 8, 8, device=DEVICE).to(FP8), torch.randn(4, 3, 4, 4, device=DEVICE).to(FP8))),
         (ValueError, "q_descale of shape (B, H) = (1, 2), got (3, 2)", lambda: kernels.attention_varlen(
             q8[0].transpose(0, 1), k8[0].transpose(0, 1), v8[0].transpose(0, 1),
-            torch.tensor([0, 8], dtype=torch.int32), torch.tensor([0, 8], dtype=torch.int32), q_descale=torch.ones(3, 2))),
+            *(torch.tensor([0, 8], dtype=torch.int32, device=DEVICE),) * 2, q_descale=torch.ones(3, 2, device=DEVICE))),
         (TypeError, "expected q a float16/bfloat16/float32 tensor", lambda: kernels.quantize_fp8(q8, bf16, bf16)),
     ]
     for error, words, call in cases:
@@ -329,9 +340,9 @@ def test_errors():
 
 def test_fp8_mode_quantises_float_inputs():
     generator = torch.Generator().manual_seed(12)
-    q, k, v = (torch.randn(2, 3, 50, 32, generator=generator).bfloat16() for _ in range(3))
+    q, k, v = (torch.randn(2, 3, 50, 32, generator=generator).bfloat16().to(DEVICE) for _ in range(3))
     with kernels.fp8_mode():
-        out = kernels.attention(q, k, v, backend="triton")
+        out = kernels.attention(q, k, v, backend="triton").cpu()
     expected = run_fp8(kernels.quantize_fp8(q, k, v), out_dtype=torch.bfloat16)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -344,7 +355,7 @@ def test_fp8_mode_quantises_float_inputs():
 
 
 def _cu(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
@@ -353,18 +364,18 @@ def test_varlen_is_the_dense_kernel_per_sequence(is_causal):
     the dense kernel gives it alone, and the einsum path the float64 attention of its e4m3 values."""
     lengths = [5, 70, 0, 33]
     generator = torch.Generator().manual_seed(13)
-    q, k, v = torch.randn(sum(lengths), 3, 2, 32, generator=generator).unbind(1)
+    q, k, v = torch.randn(sum(lengths), 3, 2, 32, generator=generator).to(DEVICE).unbind(1)
     q8, k8, v8, *_ = kernels.quantize_fp8(q, k, v)
-    descales = [torch.rand(len(lengths), 2, generator=generator) * 0.02 + 0.005 for _ in range(3)]
+    descales = [(torch.rand(len(lengths), 2, generator=generator) * 0.02 + 0.005).to(DEVICE) for _ in range(3)]
     cu = _cu(lengths)
     out = kernels.attention_varlen(
         q8, k8, v8, cu, cu, 70, 70, q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
         out_dtype=torch.float32, is_causal=is_causal, backend="triton",
-    )
+    ).cpu()
     einsum = kernels.attention_varlen(
         q8, k8, v8, cu, cu, 70, 70, q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
         out_dtype=torch.float32, is_causal=is_causal, backend="einsum",
-    )
+    ).cpu()
     assert out.shape == (108, 2, 32)
     for i, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
         if start == end:
@@ -381,13 +392,13 @@ def test_varlen_fp8_mode_and_packed_quantising():
     """Packed float inputs in fp8_mode: quantize_fp8's (1, H) per-head scales, the same as quantising by hand."""
     lengths = [40, 9]
     generator = torch.Generator().manual_seed(14)
-    q, k, v = (t.bfloat16() for t in torch.randn(sum(lengths), 3, 2, 16, generator=generator).unbind(1))
+    q, k, v = (t.bfloat16().to(DEVICE) for t in torch.randn(sum(lengths), 3, 2, 16, generator=generator).unbind(1))
     cu = _cu(lengths)
     q8, k8, v8, qd, kd, vd = kernels.quantize_fp8(q, k, v)
     assert qd.shape == (1, 2) and v8.shape == v.shape and v8.stride(2) == 1  # packed: row-major (see quantize_fp8)
     assert kernels.quantize_fp8(q, k, v, transpose_v=True)[2].stride(0) == 1  # keys contiguous when asked
     back = dequantize(v8, vd)
-    assert ((back - v.float()).abs() <= 2.0**-4 * v.float().abs() + vd.max() * 2.0**-9).all()
+    assert ((back - v.float()).abs() <= 2.0**-4 * v.float().abs() + vd.max() * 2.0**-9).all().item()
     with kernels.fp8_mode():
         out = kernels.attention_varlen(q, k, v, cu, cu, 40, 40, backend="triton")
     expected = kernels.attention_varlen(

@@ -15,6 +15,7 @@ import kernels
 from kernels.triton import attention_fwd_ws, configs, launch
 from tests.attention.test_triton import check_against_reference, make_inputs
 from tests.attention.test_varlen_triton import check_varlen, cu_seqlens, packed_inputs
+from tests.equivalence import DEVICE
 
 f16, bf16 = torch.float16, torch.bfloat16
 pytestmark = pytest.mark.interpreter
@@ -60,7 +61,7 @@ def test_causal_and_negative_scale(ws_launches, dtype):
 def test_views_of_a_fused_qkv(ws_launches):
     """q, k, v as timm slices them: (B, N, 3, H, D) permuted, row stride 3 H D; TMA reads them in place."""
     generator = torch.Generator().manual_seed(5)
-    qkv = torch.randn(2, 61, 3, 2, 48, generator=generator).to(bf16)
+    qkv = torch.randn(2, 61, 3, 2, 48, generator=generator).to(DEVICE, bf16)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     out = kernels.attention(q, k, v, backend="triton")
     expected = kernels.attention(q.double(), k.double(), v.double(), backend="einsum")

@@ -43,12 +43,13 @@ def test_gpu_check_table_ratios_are_to_the_fastest_peer():
 
 @pytest.mark.interpreter
 def test_gpu_check_fp8_verdict_passes_the_kernel_and_fails_a_wrong_output(monkeypatch):
-    """Phase 5's check, run on the CPU through the interpreter at a tiny shape: the FP8 kernel's output
+    """Phase 5's check at a tiny shape (through the interpreter on a CPU): the FP8 kernel's output
     is within the bound; the same check fails an output 10% too large."""
     import kernels
     from bench import gpu_check, sass
+    from tests.equivalence import DEVICE
 
-    monkeypatch.setattr(gpu_check, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu_check, "DEVICE", DEVICE)  # the interpreter's CPU, or the GPU
     monkeypatch.setitem(sass.SHAPES, "tiny", sass.Shape(batch=2, heads=2, tokens=37, head_dim=32, image=0, patch=1))
     _, quantised = gpu_check._fp8_inputs("tiny", 2)
     with kernels.use_backend("triton"):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import kernels
+from tests.equivalence import DEVICE
 from tests.swap.test_swap import CASES
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.slow]
@@ -40,13 +41,14 @@ def test_fp8_swap_accuracy_against_float64(name):
     images = torch.randn(IMAGES, 3, size, size, generator=torch.Generator().manual_seed(1))
     reference = _logits(copy.deepcopy(original).double(), images)
 
-    bf16 = copy.deepcopy(original).bfloat16()
+    images = images.to(DEVICE)
+    bf16 = copy.deepcopy(original).to(DEVICE, torch.bfloat16)
     kernels.swap(bf16)
-    fp8 = copy.deepcopy(original).bfloat16()
+    fp8 = copy.deepcopy(original).to(DEVICE, torch.bfloat16)
     report = kernels.swap(fp8, fp8=True)
     assert "FP8" in str(report).splitlines()[0]
     with kernels.use_backend("triton"):
-        bf16_logits, fp8_logits = _logits(bf16, images), _logits(fp8, images)
+        bf16_logits, fp8_logits = _logits(bf16, images).cpu(), _logits(fp8, images).cpu()
     scale = reference.abs().max()
     bf16_error = ((bf16_logits - reference).abs().max() / scale).item()
     fp8_error = ((fp8_logits - reference).abs().max() / scale).item()
@@ -64,8 +66,8 @@ def test_fp8_swap_accuracy_against_float64(name):
 
 def test_fp8_swap_is_undone_and_refuses_training():
     torch.manual_seed(0)
-    model = CASES["timm_vit_tiny_patch16_224"].build().eval()
-    images = torch.randn(2, 3, 32, 32)
+    model = CASES["timm_vit_tiny_patch16_224"].build().to(DEVICE).eval()
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
     report = kernels.swap(model, fp8=True)
     with kernels.use_backend("triton"):
         fp8_logits = _logits(model, images)
@@ -96,13 +98,15 @@ def test_fp8_swap_of_a_packed_vision_tower():
     for fp8 in (False, True):
         model = qwen2_5_vl().bfloat16().eval()
         model.load_state_dict(model64.state_dict())
+        model.to(DEVICE)
         kernels.swap(model, fp8=fp8)
         calls = []
         varlen = kernels.dispatch.attention_varlen
         with pytest.MonkeyPatch.context() as patch, kernels.use_backend("triton"), torch.no_grad():
             patch.setattr(kernels.dispatch, "attention_varlen",
                           lambda *a, _calls=calls, _varlen=varlen, **kw: _calls.append(1) or _varlen(*a, **kw))
-            out = _output(model, pixels.bfloat16()).double()
+            out = model(pixels.to(DEVICE, torch.bfloat16), grid_thw=GRID.to(DEVICE))
+            out = (out.pooler_output if hasattr(out, "pooler_output") else out).double().cpu()
         assert len(calls) == 2
         errors[fp8] = ((out - expected).abs().max() / expected.abs().max()).item()
     print(f"\nqwen2_5_vl tower: max |error| / max |output|: bf16 {errors[False]:.4f}, FP8 {errors[True]:.4f}")

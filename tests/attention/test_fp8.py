@@ -416,3 +416,22 @@ def test_fp8_inside_context_parallel_is_refused(monkeypatch):
     monkeypatch.setattr(dispatch, "_context_parallel_mesh", lambda: object())
     with pytest.raises(NotImplementedError, match="FP8 attention inside torch's context_parallel is not supported"):
         kernels.attention(q8, k8, v8, backend="triton")
+
+
+def test_fp8_custom_ops_pass_opcheck():
+    """torch.library.opcheck of both FP8 ops: autograd registration here; on a GPU the fake-tensor and
+    AOT-dispatch checks too (the interpreter reads data pointers fakes lack). Not test_schema: torch's
+    schema check multiplies the inputs, which float8 tensors do not implement (torch 2.14)."""
+    from kernels.triton import attention_fp8
+    from tests.equivalence import ON_GPU
+
+    q8, k8, v8, qd, kd, vd = fp8_inputs(batch=1, heads=2, seqlen_q=9, seqlen_k=11, head_dim=32)
+    descales = torch.stack([qd, kd, vd], -1).contiguous()
+    checks = ("test_autograd_registration", *(("test_faketensor", "test_aot_dispatch_dynamic") if ON_GPU else ()))
+    dense = (q8, k8, v8, descales, None, 0.25, False, torch.bfloat16)
+    torch.library.opcheck(attention_fp8.attention_fp8_forward, dense, test_utils=checks)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
+    packed = [t[0].transpose(0, 1).contiguous() for t in (q8, k8, k8)]
+    varlen = (*packed, cu, torch.tensor([0, 5, 11], dtype=torch.int32, device=DEVICE), 5, 6,
+              descales.expand(2, 2, 3).contiguous(), 0.25, True, torch.float16)
+    torch.library.opcheck(attention_fp8.attention_fp8_varlen_forward, varlen, test_utils=checks)

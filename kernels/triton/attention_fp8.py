@@ -26,6 +26,7 @@ from kernels.triton.tiles import (
     _load_rows,
     _logits_base2,
     _offsets,
+    _online_softmax_step,
     _sequence,
     _slice_offset,
 )
@@ -110,22 +111,13 @@ def _fp8_block(
         CHECK_LENGTH=MASKED, TRANSPOSED=True,
     )  # (BLOCK_D, BLOCK_N) e4m3
     qk = tl.dot(q, _e4m3_operand(k_t, INTERPRETING))  # fp32
+    logits = qk  # unread by the lean body
     if MASKED:
         logits = _logits_base2(
             qk, rows[:, None], cols[None, :], mask_ptr, mask_strides, seqlen_q, seqlen_k, scale_log2e,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL,
         )
-        block_max = tl.max(logits, 1)
-    else:  # the scale is >= 0 here: the largest logit is the largest product, scaled
-        block_max = tl.max(qk, 1) * scale_log2e
-    new_max = tl.maximum(row_max, block_max)
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with no allowed key yet: no NaN
-    rescale = tl.exp2(row_max - shift)
-    if MASKED:
-        probs = tl.exp2(logits - shift[:, None])
-    else:
-        probs = tl.exp2(qk * scale_log2e - shift[:, None])
-    row_sum = row_sum * rescale + tl.sum(probs, 1)
+    probs, rescale, row_sum, new_max = _online_softmax_step(qk, logits, row_max, row_sum, scale_log2e, MASKED=MASKED)
     v = _load_rows(
         v_ptr, cols, v_strides, seqlen_k, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_DV, ROW_ALIGN=V_ALIGN,
         CHECK_LENGTH=MASKED, TRANSPOSED=False,

@@ -26,6 +26,7 @@ from kernels.triton.tiles import (
     _load_rows,
     _logits_base2,
     _offsets,
+    _online_softmax_step,
     _sequence,
     _slice_offset,
 )
@@ -59,23 +60,13 @@ def _forward_block(
             CHECK_LENGTH=MASKED, TRANSPOSED=True, D_START=BLOCK_D,
         )  # (BLOCK_D_LO, BLOCK_N)
         qk = dot(q_lo, k_lo_t, qk, EXACT_FP32_DOTS, UPCAST_DOTS)
+    logits = qk  # unread by the lean body
     if MASKED:
         logits = _logits_base2(
             qk, rows[:, None], cols[None, :], mask_ptr, mask_strides, seqlen_q, seqlen_k, scale_log2e,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL,
         )  # (BLOCK_M, BLOCK_N)
-        block_max = tl.max(logits, 1)
-    else:  # the scale is >= 0 here: the largest logit is the largest product, scaled
-        block_max = tl.max(qk, 1) * scale_log2e
-    new_max = tl.maximum(row_max, block_max)
-    # A row with no allowed key so far has a maximum of -inf: subtract 0 instead (no NaN).
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    rescale = tl.exp2(row_max - shift)
-    if MASKED:
-        probs = tl.exp2(logits - shift[:, None])
-    else:
-        probs = tl.exp2(qk * scale_log2e - shift[:, None])  # one FFMA per score
-    row_sum = row_sum * rescale + tl.sum(probs, 1)
+    probs, rescale, row_sum, new_max = _online_softmax_step(qk, logits, row_max, row_sum, scale_log2e, MASKED=MASKED)
     if HAS_DROPOUT:
         probs = tl.where(_dropout_keep(head_seed, rows[:, None], cols[None, :], seqlen_k, dropout_p), probs, 0.0)
     v = _load_rows(

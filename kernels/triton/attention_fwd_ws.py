@@ -23,7 +23,12 @@ import triton
 import triton.language as tl
 
 from kernels.triton.configs import _AUTOTUNE_KEY, LOG2E, MASK_NONE, _block_d_pruner
-from kernels.triton.tiles import _logits_base2, _offsets, _sequence
+from kernels.triton.tiles import (
+    _logits_base2,
+    _offsets,
+    _online_softmax_step,
+    _sequence,
+)
 from kernels.triton.utils import INTERPRETING, autotune_configs, dot, rounded_to
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, the BLOCK_D it is tried at), read clean on sm_100
@@ -49,23 +54,14 @@ def _ws_block(
     ``v_ptr`` only says the dtype P is rounded to."""
     k = k_desc.load([start_n, 0])  # (BLOCK_N, BLOCK_D), zeros past the keys and the head dim
     qk = dot(q, k.T, tl.zeros([q.shape[0], BLOCK_N], tl.float32), False, UPCAST_DOTS)
+    logits = qk  # unread by the lean body
     if MASKED:
         cols = start_n + tl.arange(0, BLOCK_N)
         logits = _logits_base2(
             qk, rows[:, None], cols[None, :], mask_ptr, mask_strides, seqlen_q, seqlen_k, scale_log2e,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL,
         )
-        block_max = tl.max(logits, 1)
-    else:
-        block_max = tl.max(qk, 1) * scale_log2e
-    new_max = tl.maximum(row_max, block_max)
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    rescale = tl.exp2(row_max - shift)
-    if MASKED:
-        probs = tl.exp2(logits - shift[:, None])
-    else:
-        probs = tl.exp2(qk * scale_log2e - shift[:, None])
-    row_sum = row_sum * rescale + tl.sum(probs, 1)
+    probs, rescale, row_sum, new_max = _online_softmax_step(qk, logits, row_max, row_sum, scale_log2e, MASKED=MASKED)
     v = v_desc.load([start_n, 0])  # (BLOCK_N, BLOCK_DV)
     acc = dot(rounded_to(probs, v_ptr, UPCAST_DOTS), v, acc * rescale[:, None], False, UPCAST_DOTS)
     return acc, row_sum, new_max

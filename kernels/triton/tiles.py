@@ -60,6 +60,32 @@ def _logits_base2(
 
 
 @triton.jit
+def _online_softmax_step(qk, logits, row_max, row_sum, scale_log2e, MASKED: tl.constexpr):
+    """One block of keys' step of the online softmax every forward kernel runs: (probs, rescale,
+    row_sum, row_max) updated, in base 2.
+
+    MASKED: ``logits`` are the block's base-2 logits, -inf where a key may not be attended
+    (``_logits_base2``). Otherwise ``logits`` is unread and ``qk`` holds the raw products of the
+    lean body, scaled here (the scale is >= 0 there: the largest logit is the largest product,
+    scaled), one FFMA per score. A row with no allowed key so far has a maximum of -inf: it
+    subtracts 0 instead (no NaN). ``rescale`` is what the accumulator must be multiplied by.
+    """
+    if MASKED:
+        block_max = tl.max(logits, 1)
+    else:
+        block_max = tl.max(qk, 1) * scale_log2e
+    new_max = tl.maximum(row_max, block_max)
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescale = tl.exp2(row_max - shift)
+    if MASKED:
+        probs = tl.exp2(logits - shift[:, None])
+    else:
+        probs = tl.exp2(qk * scale_log2e - shift[:, None])
+    row_sum = row_sum * rescale + tl.sum(probs, 1)
+    return probs, rescale, row_sum, new_max
+
+
+@triton.jit
 def _dropout_keep(head_seed, rows, cols, seqlen_k, dropout_p):
     """Philox keep decisions (True = keep) for the tile at ``rows`` x ``cols`` of one (batch, head)."""
     return tl.rand(head_seed, rows * seqlen_k + cols) >= dropout_p

@@ -57,3 +57,57 @@ def test_gpu_check_fp8_verdict_passes_the_kernel_and_fails_a_wrong_output(monkey
         attention = kernels.attention
         monkeypatch.setattr(kernels, "attention", lambda *args, **kwargs: attention(*args, **kwargs) * 1.1)
         assert gpu_check._fp8_result(quantised).startswith("FAIL")
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+def test_gpu_check_phases_run_end_to_end_at_tiny_shapes(monkeypatch):
+    """Every phase of gpu_check that runs on one GPU, run here at tiny shapes (the interpreter on a
+    CPU: the timing a single call, the GPU's capability faked as sm_90 and then sm_100), so that the
+    first GPU lease is not spent on a bug in code that only a GPU runs: each correctness row passes,
+    each of our timing rows has a time, each peer has a time or its error, and the report renders."""
+    import torch
+
+    from bench import gpu_check, sass
+    from tests.equivalence import DEVICE
+
+    tiny = {name: sass.Shape(batch=1, heads=2, tokens=37, head_dim=shape.head_dim, image=32, patch=16)
+            for name, shape in sass.SHAPES.items()}
+    for name, shape in tiny.items():
+        monkeypatch.setitem(sass.SHAPES, name, shape)
+    monkeypatch.setattr(gpu_check, "DEVICE", DEVICE)
+    monkeypatch.setattr(gpu_check, "_timed", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(gpu_check, "TIMED", [("vit_b16", 1)])
+    monkeypatch.setattr(gpu_check, "FP8_TIMED", [("vit_b16", 1), ("siglip_so400m", 1)])
+    monkeypatch.setattr(gpu_check, "BLACKWELL_TIMED", [("vit_h14", 1)])
+    monkeypatch.setattr(gpu_check, "SWITCH_OVER_LENGTHS", (40,))
+    monkeypatch.setattr(gpu_check, "SWITCH_OVER_TOKENS", 40)
+    monkeypatch.setattr(gpu_check, "PATCH_EMBED", {"image": 32, "patch": 16, "dim": 64, "batch": 1})
+    providers = gpu_check._attention_providers
+    monkeypatch.setattr(gpu_check, "_attention_providers",  # compiled FlexAttention: minutes on a CPU
+                        lambda: {k: v for k, v in providers().items() if k != "flex-compiled"})
+    clock = gpu_check.Clock(1e9)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability[0])
+    correctness = gpu_check.check_correctness(clock)
+    timings = gpu_check.time_attention(clock, None) + gpu_check.time_switch_over(clock, None)
+    fp8_rows, fp8_timings = gpu_check.check_and_time_fp8(clock, None)
+    timings += fp8_timings + gpu_check.time_patch_embed(clock, None)
+    not_blackwell, none = gpu_check.check_blackwell(clock, None)
+    assert none == [] and not_blackwell[0]["result"].startswith("not run: needs an sm_100 GPU")
+    capability[0] = (10, 0)
+    blackwell_rows, blackwell_timings = gpu_check.check_blackwell(clock, None)
+    correctness += fp8_rows + blackwell_rows
+    timings += blackwell_timings
+    assert len(correctness) == 4 + 2 + 4
+    failed = [row for row in correctness if not row["result"].startswith("pass")]
+    assert not failed, failed
+    ours = [row for row in timings if row["role"] == "ours"]
+    assert ours and all("ms" in row for row in ours), [row for row in ours if "ms" not in row]
+    assert all("ms" in row or "error" in row for row in timings)
+    assert {row["provider"] for row in timings} >= {
+        "vitriton", "vitriton-fused", "vitriton-pair", "vitriton-fp8", "vitriton-fp8 + quantize_fp8", "vitriton-bf16",
+        "vitriton-bf16 not warp-specialised", "conv2d",
+    }
+    report = gpu_check.markdown(["header"], correctness, timings)
+    assert "FP8 forward" in report and "fwd (FP8 phase)" in report and "fwd (Blackwell phase)" in report

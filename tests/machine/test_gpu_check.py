@@ -61,6 +61,7 @@ def test_gpu_check_fp8_verdict_passes_the_kernel_and_fails_a_wrong_output(monkey
 
 @pytest.mark.slow
 @pytest.mark.interpreter
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnknownMarkWarning")  # bench's marks, registered by bench/conftest.py
 def test_gpu_check_phases_run_end_to_end_at_tiny_shapes(monkeypatch):
     """Every phase of gpu_check that runs on one GPU, run here at tiny shapes (the interpreter on a
     CPU: the timing a single call, the GPU's capability faked as sm_90 and then sm_100), so that the
@@ -93,13 +94,25 @@ def test_gpu_check_phases_run_end_to_end_at_tiny_shapes(monkeypatch):
     timings = gpu_check.time_attention(clock, None) + gpu_check.time_switch_over(clock, None)
     fp8_rows, fp8_timings = gpu_check.check_and_time_fp8(clock, None)
     timings += fp8_timings + gpu_check.time_patch_embed(clock, None)
+    from bench import test_varlen  # the packed-images phase: its GPU mixes, made tiny
+
+    for name, window, backward in (("vlm-native", 0, True), ("vlm-windows", 2, False)):
+        mix = test_varlen.Mix(name, ((56, 42), (28, 28)), 14, 2, 80, torch.bfloat16, backward, window)
+        monkeypatch.setitem(test_varlen.MIXES, f"{name}-bf16-{'fwdbwd' if backward else 'fwd'}", mix)
+    monkeypatch.delitem(test_varlen.PROVIDERS, "flex-document")  # compiled: minutes on a CPU
+    import kernels
+
+    with kernels.use_backend("triton"):  # bench's "ours" names no backend: on a CPU, auto would run einsum
+        varlen_rows, varlen_timings = gpu_check.time_varlen(clock, None)
+    correctness += varlen_rows
+    timings += varlen_timings
     not_blackwell, none = gpu_check.check_blackwell(clock, None)
     assert none == [] and not_blackwell[0]["result"].startswith("not run: needs an sm_100 GPU")
     capability[0] = (10, 0)
     blackwell_rows, blackwell_timings = gpu_check.check_blackwell(clock, None)
     correctness += fp8_rows + blackwell_rows
     timings += blackwell_timings
-    assert len(correctness) == 4 + 2 + 4
+    assert len(correctness) == 4 + 2 + 1 + 4
     failed = [row for row in correctness if not row["result"].startswith("pass")]
     assert not failed, failed
     ours = [row for row in timings if row["role"] == "ours"]
@@ -107,7 +120,7 @@ def test_gpu_check_phases_run_end_to_end_at_tiny_shapes(monkeypatch):
     assert all("ms" in row or "error" in row for row in timings)
     assert {row["provider"] for row in timings} >= {
         "vitriton", "vitriton-fused", "vitriton-pair", "vitriton-fp8", "vitriton-fp8 + quantize_fp8", "vitriton-bf16",
-        "vitriton-bf16 not warp-specialised", "conv2d",
+        "vitriton-bf16 not warp-specialised", "conv2d", "sdpa-per-image", "sdpa-block-diagonal",
     }
     report = gpu_check.markdown(["header"], correctness, timings)
     assert "FP8 forward" in report and "fwd (FP8 phase)" in report and "fwd (Blackwell phase)" in report

@@ -435,3 +435,33 @@ def test_fp8_custom_ops_pass_opcheck():
     varlen = (*packed, cu, torch.tensor([0, 5, 11], dtype=torch.int32, device=DEVICE), 5, 6,
               descales.expand(2, 2, 3).contiguous(), 0.25, True, torch.float16)
     torch.library.opcheck(attention_fp8.attention_fp8_varlen_forward, varlen, test_utils=checks)
+
+
+@pytest.mark.parametrize("seqlen_k", [64, 65, 69, 96, 97, 127])
+def test_narrow_last_block(monkeypatch, seqlen_k):
+    """With blocks of 64 keys (as on a GPU; the interpreter's own config has 32) the last, partial block
+    runs 32 keys wide when at most 32 keys are left (tails 1, 5, 32), whole otherwise (33, 63), none
+    when N is a multiple of 64: the width each block ran (the block helper spied on), and the output
+    against the float64 run of the same blocks. At a head dim padded past 64 it is never narrowed."""
+    from kernels.triton import attention_fp8
+
+    monkeypatch.setattr(attention_fp8._attention_fp8_forward_kernel, "configs",
+                        [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)])
+    widths = []
+    block = attention_fp8._fp8_block
+
+    def spy(*args, **kwargs):
+        widths.append(int(kwargs["BLOCK_N"]))
+        return block(*args, **kwargs)
+
+    monkeypatch.setattr(attention_fp8, "_fp8_block", spy)
+    for head_dim, narrowed in ((64, True), (80, False)):
+        widths.clear()
+        inputs = fp8_inputs(batch=1, heads=2, seqlen_q=40, seqlen_k=seqlen_k, head_dim=head_dim, seed=seqlen_k)
+        out = run_fp8(inputs)
+        tail = seqlen_k % 64
+        expected_widths = [64] * (seqlen_k // 64) + ([] if not tail else [32 if narrowed and tail <= 32 else 64])
+        assert widths == expected_widths * 2, (head_dim, widths)  # per program: 2 heads, 1 row block
+        v_max = dequantize(inputs[2], inputs[5]).abs().max().item()
+        assert_close_but_for_ties(out, emulated(*inputs, block_n=64), rtol=1e-5, atol=1e-5 * v_max,
+                                  off_bound=2.0**-3 * v_max)

@@ -13,8 +13,10 @@ The same online softmax as ``attention_fwd.py``, with:
   keys. A V whose keys are contiguous (a (B, H, N, Dv) view of (B, H, Dv, N) memory, as
   ``kernels.quantize_fp8`` makes it) is loaded as it lies; a row-major V makes the compiler
   transpose each tile through shared memory inside the loop (``python -m bench.sass --dtype fp8``).
-No backward, no dropout, no packed sequences; head dims 16 to 256 padded to a power of two of at
-least 32 (FP8 MMA's depth), with no split of 72-96 as the 16-bit kernels do.
+Packed sequences (``VARLEN``) as the 16-bit kernels take them. No backward, no dropout. Head dims
+16 to 256: 72-96 split as 64 + 32 and 160-192 as 128 + 32 or 64 (``_fp8_head_dim_split``: the
+second piece at least 32, FP8 MMA's depth), others padded to a power of two of at least 32. The
+last, partial block of keys runs 32 wide where it fits (head dims up to 64).
 """
 
 import torch
@@ -34,13 +36,15 @@ from kernels.triton.utils import INTERPRETING, autotune_configs, rounded_to
 
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), read off the machine code (``python -m bench.sass
-# --dtype fp8``, sm_90 and sm_100, ViT-B/16 to SigLIP-So400m): each compiles to FP8 MMA in the loop
-# with no spill at the head dims listed.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, the BLOCK_D it is tried at: 96 is a head dim split 64 +
+# 32), read off the machine code (``python -m bench.sass --dtype fp8``, sm_90 and sm_100, ViT-B/16 to
+# SigLIP-So400m): each compiles to FP8 MMA in the loop with no spill there. Left out: 128x64 with 4
+# warps at 96 and 128 (spills 24-80 bytes), 128x128 at 128 (padding), and on sm_100 64x64 at 96
+# (8 bytes at ViT-H/14).
 _FP8_FORWARD_TABLE = [
-    (64, 64, 4, 3, (32, 64, 128)),
-    (128, 64, 8, 3, (32, 64, 128)),
-    (128, 128, 8, 3, (32, 64)),
+    (64, 64, 4, 3, (32, 64, 96, 128)),
+    (128, 64, 8, 3, (32, 64, 96, 128)),
+    (128, 128, 8, 3, (32, 64, 96)),
     (128, 64, 4, 3, (32, 64)),
 ]
 _FP8_FORWARD_CONFIGS = [
@@ -49,7 +53,7 @@ _FP8_FORWARD_CONFIGS = [
 _INTERPRETER_FP8_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 
 
-_fp8_pruner = _block_d_pruner(_FP8_FORWARD_TABLE)
+_fp8_pruner = _block_d_pruner(_FP8_FORWARD_TABLE, sm100_left_out_at_split=frozenset({(64, 64, 4, 3)}))
 
 
 @triton.jit
@@ -97,20 +101,29 @@ def _e4m3_operand(x, INTERPRETING: tl.constexpr):
 
 @triton.jit
 def _fp8_block(
-    acc, row_sum, row_max, q, rows, start_n, k_ptr, v_ptr, mask_ptr, k_strides, v_strides, mask_strides,
-    seqlen_q, seqlen_k, scale_log2e,
+    acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr, k_strides, v_strides,
+    mask_strides, seqlen_q, seqlen_k, scale_log2e,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, INTERPRETING: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    V_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    V_ALIGN: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
 ):
     """The online softmax over the keys start_n + [0, BLOCK_N), as ``attention_fwd._forward_block``
-    with e4m3 products: (acc, row_sum, row_max) updated. ``scale_log2e`` holds q's and k's descales."""
+    with e4m3 products: (acc, acc_lo, row_sum, row_max) updated. ``scale_log2e`` holds q's and k's
+    descales. SPLIT_D: the head dim's second piece (columns BLOCK_D on, BLOCK_D_LO wide) in q_lo and
+    acc_lo, each product two; otherwise they pass through."""
     cols = start_n + tl.arange(0, BLOCK_N)
     k_t = _load_rows(
         k_ptr, cols, k_strides, seqlen_k, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ROW_ALIGN=ROW_ALIGN,
         CHECK_LENGTH=MASKED, TRANSPOSED=True,
     )  # (BLOCK_D, BLOCK_N) e4m3
     qk = tl.dot(q, _e4m3_operand(k_t, INTERPRETING))  # fp32
+    if SPLIT_D:
+        k_lo_t = _load_rows(
+            k_ptr, cols, k_strides, seqlen_k, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D_LO, ROW_ALIGN=ROW_ALIGN,
+            CHECK_LENGTH=MASKED, TRANSPOSED=True, D_START=BLOCK_D,
+        )
+        qk = tl.dot(q_lo, _e4m3_operand(k_lo_t, INTERPRETING), qk)
     logits = qk  # unread by the lean body
     if MASKED:
         logits = _logits_base2(
@@ -122,8 +135,15 @@ def _fp8_block(
         v_ptr, cols, v_strides, seqlen_k, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_DV, ROW_ALIGN=V_ALIGN,
         CHECK_LENGTH=MASKED, TRANSPOSED=False,
     )  # (BLOCK_N, BLOCK_DV) e4m3
-    acc = tl.dot(_to_e4m3(probs, INTERPRETING), _e4m3_operand(v, INTERPRETING), acc * rescale[:, None])
-    return acc, row_sum, new_max
+    probs = _to_e4m3(probs, INTERPRETING)
+    acc = tl.dot(probs, _e4m3_operand(v, INTERPRETING), acc * rescale[:, None])
+    if SPLIT_D:
+        v_lo = _load_rows(
+            v_ptr, cols, v_strides, seqlen_k, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_D_LO, ROW_ALIGN=V_ALIGN,
+            CHECK_LENGTH=MASKED, TRANSPOSED=False, D_START=BLOCK_DV,
+        )
+        acc_lo = tl.dot(probs, _e4m3_operand(v_lo, INTERPRETING), acc_lo * rescale[:, None])
+    return acc, acc_lo, row_sum, new_max
 
 
 @triton.autotune(
@@ -143,7 +163,8 @@ def _attention_fp8_forward_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, LEAN: tl.constexpr,
     INTERPRETING: tl.constexpr, ROW_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, OUT_ALIGN: tl.constexpr,
-    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D_LO: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """The output of one block of BLOCK_M query rows of one (batch, head), in out_ptr's dtype.
 
@@ -151,7 +172,8 @@ def _attention_fp8_forward_kernel(
     logit is its largest product, scaled), the last, partial one the masked body; otherwise every
     block is masked. ROW_ALIGN: q's and k's row alignment hint (``tiles._offsets``), V_ALIGN v's
     (1 when its keys are contiguous), OUT_ALIGN the output's. VARLEN: a "batch" is a packed sequence
-    (``launch._Layout``), seqlen_q and seqlen_k the longest."""
+    (``launch._Layout``), seqlen_q and seqlen_k the longest. SPLIT_D: the head dim in two pieces,
+    BLOCK_D (= BLOCK_DV) then BLOCK_D_LO (``_fp8_head_dim_split``)."""
     q_strides = (stride_qb, stride_qh, stride_qm, stride_qd)
     k_strides = (stride_kb, stride_kh, stride_kn, stride_kd)
     v_strides = (stride_vb, stride_vh, stride_vn, stride_vd)
@@ -191,45 +213,59 @@ def _attention_fp8_forward_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    q_lo, acc_lo = q, acc  # passed through unless SPLIT_D
+    if SPLIT_D:
+        q_lo = _load_rows(
+            q_ptr, rows, q_strides, seqlen_q, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D_LO, ROW_ALIGN=ROW_ALIGN,
+            CHECK_LENGTH=True, TRANSPOSED=False, D_START=BLOCK_D,
+        )
+        q_lo = _e4m3_operand(q_lo, INTERPRETING)
+        acc_lo = tl.zeros([BLOCK_M, BLOCK_D_LO], tl.float32)
     key_end = seqlen_k
     if IS_CAUSAL:
         key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)  # keys past the last row: all masked
     whole_end = key_end // BLOCK_N * BLOCK_N
     for start_n in range(0, whole_end, BLOCK_N):
-        acc, row_sum, row_max = _fp8_block(
-            acc, row_sum, row_max, q, rows, start_n, k_ptr, v_ptr, mask_ptr, k_strides, v_strides, mask_strides,
+        acc, acc_lo, row_sum, row_max = _fp8_block(
+            acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr, k_strides, v_strides, mask_strides,
             seqlen_q, seqlen_k, scale_log2e, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D,
             BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, INTERPRETING=INTERPRETING,
-            ROW_ALIGN=ROW_ALIGN, V_ALIGN=V_ALIGN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=not LEAN,
+            ROW_ALIGN=ROW_ALIGN, V_ALIGN=V_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=not LEAN,
         )
     # The last, partial block: 32 keys wide (FP8 MMA's depth) where they fit, as attention_fwd's
     # _forward_tail, at head dims up to 64. Padded to 128 (72-96) the narrow copy costs registers:
     # ViT-H/14's 64x64 on sm_100 168 -> 184, 3 -> 2 blocks per SM; left out there.
     tail = key_end - whole_end
-    narrow = BLOCK_N > 32 and max(BLOCK_D, BLOCK_DV) <= 64  # compile time; the width is picked at run time
+    narrow = BLOCK_N > 32 and not SPLIT_D and max(BLOCK_D, BLOCK_DV) <= 64  # compile time; the width: run time
     if narrow and tail > 0 and tail <= 32:
-        acc, row_sum, row_max = _fp8_block(
-            acc, row_sum, row_max, q, rows, whole_end, k_ptr, v_ptr, mask_ptr, k_strides, v_strides, mask_strides,
+        acc, acc_lo, row_sum, row_max = _fp8_block(
+            acc, acc_lo, row_sum, row_max, q, q_lo, rows, whole_end, k_ptr, v_ptr, mask_ptr, k_strides, v_strides, mask_strides,
             seqlen_q, seqlen_k, scale_log2e, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D,
             BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, INTERPRETING=INTERPRETING,
-            ROW_ALIGN=ROW_ALIGN, V_ALIGN=V_ALIGN, BLOCK_M=BLOCK_M, BLOCK_N=32, MASKED=True,
+            ROW_ALIGN=ROW_ALIGN, V_ALIGN=V_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=32, MASKED=True,
         )
     elif tail > 0:
-        acc, row_sum, row_max = _fp8_block(
-            acc, row_sum, row_max, q, rows, whole_end, k_ptr, v_ptr, mask_ptr, k_strides, v_strides, mask_strides,
+        acc, acc_lo, row_sum, row_max = _fp8_block(
+            acc, acc_lo, row_sum, row_max, q, q_lo, rows, whole_end, k_ptr, v_ptr, mask_ptr, k_strides, v_strides, mask_strides,
             seqlen_q, seqlen_k, scale_log2e, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D,
             BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, INTERPRETING=INTERPRETING,
-            ROW_ALIGN=ROW_ALIGN, V_ALIGN=V_ALIGN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
+            ROW_ALIGN=ROW_ALIGN, V_ALIGN=V_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
         )
     # A row with every key masked has row_sum 0: divide by 1, output 0.
     row_sum = tl.where(row_sum == 0.0, 1.0, row_sum)
-    acc = acc * (v_descale / row_sum)[:, None]
+    out_scale = (v_descale / row_sum)[:, None]
     offs_dv = tl.arange(0, BLOCK_DV)
+    out_rows = out_ptr + _offsets(rows, stride_om, OUT_ALIGN)[:, None]
     tl.store(
-        out_ptr + _offsets(rows, stride_om, OUT_ALIGN)[:, None] + offs_dv[None, :] * stride_od,
-        rounded_to(acc, out_ptr, INTERPRETING),
+        out_rows + offs_dv[None, :] * stride_od, rounded_to(acc * out_scale, out_ptr, INTERPRETING),
         mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V),
     )
+    if SPLIT_D:
+        offs_lo = BLOCK_DV + tl.arange(0, BLOCK_D_LO)
+        tl.store(
+            out_rows + offs_lo[None, :] * stride_od, rounded_to(acc_lo * out_scale, out_ptr, INTERPRETING),
+            mask=(rows[:, None] < seqlen_q) & (offs_lo[None, :] < HEAD_DIM_V),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +283,19 @@ def _alignment(t: torch.Tensor) -> int:
     return alignment
 
 
+def _fp8_head_dim_split(head_dim: int, head_dim_v: int) -> tuple[int, int] | None:
+    """The 16-bit kernels' split of the head dim (``launch._head_dim_split``) with a second piece of
+    at least 32, FP8 MMA's depth: 72-96 as 64 + 32 (96 columns of each product where padding makes
+    128), 160-192 as 128 + 32 or 64; None where that saves nothing (40-48: 32 + 32 is the padding)."""
+    from kernels.triton.launch import _head_dim_split
+
+    split = _head_dim_split(head_dim, head_dim_v, False)
+    if split is None:
+        return None
+    first, second = split[0], max(32, split[1])
+    return (first, second) if first + second < triton.next_power_of_2(head_dim) else None
+
+
 def _launch_fp8(layout, q, k, v, descales, mask, scale, is_causal, out) -> None:
     """Fill ``out`` with the FP8 kernel: dense (B, H, N, D) or packed (``layout.varlen``) inputs."""
     from kernels.triton.launch import _mask_arguments, attention_grid
@@ -258,12 +307,15 @@ def _launch_fp8(layout, q, k, v, descales, mask, scale, is_causal, out) -> None:
         return attention_grid(layout.seqlen_q, layout.batch * layout.heads, meta["BLOCK_M"])
 
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    split = _fp8_head_dim_split(head_dim, head_dim_v)
+    block_d = max(32, triton.next_power_of_2(head_dim)) if split is None else split[0]
+    block_dv = max(16, triton.next_power_of_2(head_dim_v)) if split is None else split[0]
     torch.library.wrap_triton(_attention_fp8_forward_kernel)[grid](
         q, k, v, mask_ptr, descales, out, *layout.cu_seqlens(descales),
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *mask_strides, *layout.strides(out),
         layout.heads, layout.seqlen_q, layout.seqlen_k, scale * LOG2E,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_D=max(32, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
+        BLOCK_D=block_d, BLOCK_DV=block_dv, SPLIT_D=split is not None, BLOCK_D_LO=split[1] if split else 32,
         MASK_KIND=mask_kind, IS_CAUSAL=is_causal, LEAN=mask is None and not is_causal and scale >= 0,
         INTERPRETING=INTERPRETING,
         ROW_ALIGN=min(_alignment(q), _alignment(k)), V_ALIGN=1 if v_keys_contiguous else _alignment(v),

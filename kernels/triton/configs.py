@@ -165,22 +165,30 @@ def _pruner(table, split_as_padded=False, sm100_spills_at_split=frozenset()):
     return prune
 
 
-def _block_d_pruner(table):
+def _block_d_pruner(table, sm100_left_out_at_split=frozenset()):
     """An ``early_config_prune`` for a table of (BLOCK_M, BLOCK_N, num_warps, num_stages, the BLOCK_D
-    it is tried at): the configs listed at the launch's BLOCK_D (the larger of BLOCK_D and BLOCK_DV);
+    it is tried at): the configs listed at the launch's BLOCK_D (the larger of BLOCK_D and BLOCK_DV,
+    plus BLOCK_D_LO where the head dim is split);
     a config the table does not name (a test's own) is kept; if none is left, all of them. The
-    FP8 and warp-specialised forwards' tables, which have no dot kinds."""
+    FP8 and warp-specialised forwards' tables, which have no dot kinds. On sm_100 (``target_arch`` of
+    q) the tiles of ``sm100_left_out_at_split`` are left out where the head dim is split."""
     listed = {(block_m, block_n, warps, stages): dims for block_m, block_n, warps, stages, dims in table}
 
     def prune(configs, named_args, **kwargs):
         arguments = {**named_args, **kwargs}
         block_d = max(arguments["BLOCK_D"], arguments["BLOCK_DV"])
+        if arguments.get("SPLIT_D"):  # a head dim split in two pieces: their sum
+            block_d += arguments["BLOCK_D_LO"]
 
         def tried(config):
             dims = listed.get((config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages))
             return dims is None or block_d in dims
 
-        return [c for c in configs if tried(c)] or configs
+        kept = [c for c in configs if tried(c)] or configs
+        if arguments.get("SPLIT_D") and is_sm100(target_arch(arguments["q_ptr"])):
+            kept = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                    not in sm100_left_out_at_split] or kept
+        return kept
 
     return prune
 

@@ -465,3 +465,26 @@ def test_narrow_last_block(monkeypatch, seqlen_k):
         v_max = dequantize(inputs[2], inputs[5]).abs().max().item()
         assert_close_but_for_ties(out, emulated(*inputs, block_n=64), rtol=1e-5, atol=1e-5 * v_max,
                                   off_bound=2.0**-3 * v_max)
+
+
+@pytest.mark.parametrize("head_dim", [72, 80, 96, 160])
+def test_split_head_dims(head_dim):
+    """Head dims the kernel splits in two pieces (64 + 32 at 72-96, 128 + 32 at 160): the output
+    against the float64 run of its algorithm, masked and causal."""
+    from kernels.triton.attention_fp8 import _fp8_head_dim_split
+
+    split = _fp8_head_dim_split(head_dim, head_dim)
+    assert split is not None and split[1] >= 32 and head_dim <= sum(split) < triton.next_power_of_2(head_dim)
+    inputs = fp8_inputs(batch=1, heads=2, seqlen_q=45, seqlen_k=70, head_dim=head_dim, seed=head_dim)
+    v_max = dequantize(inputs[2], inputs[5]).abs().max().item()
+    for mask, is_causal in ((None, False), (make_mask("bias", inputs), True)):
+        out = run_fp8(inputs, mask, is_causal)
+        assert_close_but_for_ties(out, emulated(*inputs, mask=mask, is_causal=is_causal), rtol=1e-5,
+                                  atol=1e-5 * v_max, off_bound=2.0**-3 * v_max)
+
+
+def test_fp8_head_dim_split_only_where_it_saves_work():
+    from kernels.triton.attention_fp8 import _fp8_head_dim_split
+
+    assert [_fp8_head_dim_split(d, d) for d in (16, 32, 40, 48, 64, 128, 256)] == [None] * 7  # 48: 32 + 32 pads anyway
+    assert _fp8_head_dim_split(72, 72) == _fp8_head_dim_split(80, 80) == (64, 32) and _fp8_head_dim_split(80, 64) is None

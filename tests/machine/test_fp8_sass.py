@@ -64,10 +64,13 @@ def test_every_config_compiles(compiled):
     assert {e["kernel"] for e in compiled} == {"_attention_fp8_forward_kernel"}
     failed = [f"{_described(e)}: {e['error']}" for e in compiled if "error" in e]
     assert not failed, "\n".join(failed)
-    # What the pruning tries: four tiles at head dim 64, the two that stay clean at 72 and 80 (padded to 128).
-    tiles = {(e["shape"], e["config"]["BLOCK_M"], e["config"]["BLOCK_N"], e["config"]["num_warps"]) for e in compiled}
-    assert sum(shape == "vit_b16" for shape, *_ in tiles) == 4
-    assert sum(shape == "siglip_so400m" for shape, *_ in tiles) == 2
+    # What the pruning tries: four tiles at head dim 64; at 72 and 80 (split 64 + 32) three on sm_90,
+    # two on sm_100 (64x64 spills there).
+    tiles = {(e["arch"], e["shape"], e["config"]["BLOCK_M"], e["config"]["BLOCK_N"], e["config"]["num_warps"])
+             for e in compiled}
+    assert sum(shape == "vit_b16" for _, shape, *_ in tiles) == 4 * len(ARCHS)
+    assert {tile[2:] for tile in tiles if tile[:2] == (90, "siglip_so400m")} == {(64, 64, 4), (128, 64, 8), (128, 128, 8)}
+    assert {tile[2:] for tile in tiles if tile[:2] == (100, "siglip_so400m")} == {(128, 64, 8), (128, 128, 8)}
 
 
 def test_fp8_mma_in_the_main_loop_and_no_other_kind(compiled):

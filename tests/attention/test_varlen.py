@@ -7,13 +7,15 @@ running each image alone. The Triton varlen kernels are tested in tests/attentio
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import kernels
 from kernels.checks import MAX_HEAD_DIM, MIN_HEAD_DIM
 from kernels.reference import attention_reference, attention_varlen_reference
-from tests.equivalence import assert_close_to_reference
+from tests.equivalence import DEVICE, assert_close_to_reference
 from vit.model import ViT
 
 f64 = torch.float64
@@ -81,7 +83,7 @@ def test_the_rule_catches_a_sequence_leaking_into_another():
 
 
 def test_varlen_triton_refuses_a_head_dim_beyond_it_in_one_line():
-    q, k, v, cu_q, cu_k = packed([3, 4], [3, 4], head_dim=8, dtype=torch.float16)
+    q, k, v, cu_q, cu_k = (t.to(DEVICE) for t in packed([3, 4], [3, 4], head_dim=8, dtype=torch.float16))
     with pytest.raises(ValueError, match=rf"^attention_varlen: head dim 8 is outside the Triton kernels' range, {MIN_HEAD_DIM} to {MAX_HEAD_DIM}; use backend="):
         kernels.attention_varlen(q, k, v, cu_q, cu_k, backend="triton")
 
@@ -138,8 +140,8 @@ def test_packed_vit_on_the_triton_path_equals_each_image_alone_on_the_reference(
     model = ViT(fused=True, **SMALL).eval()
     images = [torch.rand(3, 32, 24), torch.rand(3, 8, 16)]
     with torch.no_grad():
-        with kernels.use_backend("triton"):
-            packed_logits = model(images)
+        with kernels.use_backend("triton"):  # on DEVICE: the interpreter's CPU, or a GPU
+            packed_logits = copy.deepcopy(model).to(DEVICE)([image.to(DEVICE) for image in images]).cpu()
         model64 = ViT(fused=False, **SMALL).double().eval()
         model64.load_state_dict(model.state_dict())
         alone = torch.cat([model64(image[None].double()) for image in images])

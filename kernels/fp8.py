@@ -5,7 +5,9 @@
 
 FlashAttention-3's vocabulary: q, k, v in ``torch.float8_e4m3fn``, each with a float32 descale of
 shape (B, H) (per batch and key head; here every head is a key head), the real value being
-``q8 * q_descale[b, h]``; the output in bfloat16 or a chosen ``out_dtype``; no backward. The kernel
+``q8 * q_descale[b, h]``; the output in bfloat16 or a chosen ``out_dtype``; no backward. Descales
+are positive, as ``quantize_fp8`` makes them (their values are not read on the host: a sync per
+call): the kernel takes a row's largest product for its largest logit, as for any scale >= 0. The kernel
 is ``kernels/triton/attention_fp8.py``; on the CPU (and wherever the einsum backend runs) the inputs
 are dequantised to float32 and the fallback computes with them, without rounding the probabilities
 to e4m3 as the kernel does (so the einsum path is the more accurate of the two).

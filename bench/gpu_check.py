@@ -582,7 +582,7 @@ def _without_warp_specialisation():
     from kernels.triton import launch
 
     saved = launch._ws_forward_wanted
-    launch._ws_forward_wanted = lambda *args: False
+    launch._ws_forward_wanted = lambda *args, **kwargs: False
     try:
         yield
     finally:

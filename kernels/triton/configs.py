@@ -34,6 +34,12 @@ MASK_NONE, MASK_BOOL, MASK_BIAS = 0, 1, 2
 F16, TF32, FMA = "f16", "tf32", "fma"  # fp16/bf16 tensor cores; fp32 on them as TF32; exact fp32 FMAs
 F16_MASKED = "f16 masked"  # fp16/bf16, only under a mask, causal or dropout
 F16_SPLIT = "f16 split"  # fp16/bf16 without a mask, causal or dropout, at a split head dim: (first, second) piece
+# fp16/bf16 under a mask, causal or dropout on sm_100, in place of F16 and F16_MASKED where a row lists the
+# launch's BLOCK_D: the sm_90 light tiles spill there (ptxas-blackwell 12.9, bf16: the forward's 64x32 with 3
+# stages 120-348 bytes with a bias or bool mask at ViT-B/16 to SigLIP; dQ's 64x32 and 128x32 with 2 stages
+# 16-40 bytes with a bias gradient at 72). One stage fewer is clean under every mask, causal and dropout
+# at the four shapes (tests/machine/test_sm100_sass.py); dQ's 64x32 with 1 stage still spills with dropout.
+F16_MASKED_SM100 = "f16 masked sm100"
 _UP_TO_64, _UP_TO_128, _ALL = (16, 32, 64), (16, 32, 64, 128), (16, 32, 64, 128, 256)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, {dot kind: the BLOCK_D it is tried at})
 _FORWARD_TABLE = [
@@ -44,6 +50,7 @@ _FORWARD_TABLE = [
     (128, 64, 4, 3, {F16: _UP_TO_64}),
     (128, 64, 8, 3, {F16: _UP_TO_128, TF32: _UP_TO_64}),
     (128, 128, 8, 3, {F16: _UP_TO_64}),
+    (64, 32, 4, 1, {F16_MASKED_SM100: _UP_TO_64}),
 ]
 # dK/dV: BLOCK_N keys stay in registers while BLOCK_M query rows stream past.
 _BACKWARD_KV_TABLE = [
@@ -63,6 +70,7 @@ _BACKWARD_Q_TABLE = [
     (64, 64, 4, 2, {F16: _UP_TO_128, TF32: _UP_TO_64}),
     (128, 64, 8, 2, {F16: _UP_TO_128, TF32: _UP_TO_64}),
     (128, 32, 8, 2, {F16: _ALL, TF32: _UP_TO_128}),
+    (128, 32, 8, 1, {F16_MASKED_SM100: _UP_TO_64}),
 ]
 
 
@@ -125,8 +133,9 @@ def _pruner(table, split_as_padded=False, sm100_spills_at_split=frozenset()):
     A pure function of autotune-key arguments (q's dtype, HEAD_DIM, HEAD_DIM_V, MASK_KIND,
     IS_CAUSAL, HAS_DROPOUT, EXACT_FP32_DOTS), cheap, and plain Python: Triton's autotuner calls it,
     and so does torch.compile's tracing of the custom ops. On sm_100 (``target_arch`` of q) the
-    tiles of ``sm100_spills_at_split`` are left out at a split head dim. A config the table does not
-    name (a test's own) is kept; if nothing is left, every config is.
+    tiles of ``sm100_spills_at_split`` are left out at a split head dim, and masked fp16/bf16
+    launches take the table's F16_MASKED_SM100 rows where one lists their BLOCK_D. A config the
+    table does not name (a test's own) is kept; if nothing is left, every config is.
     """
     tried_at = {(block_m, block_n, warps, stages): kinds for block_m, block_n, warps, stages, kinds in table}
     split_rows = {piece for kinds in tried_at.values() for piece in kinds.get(F16_SPLIT, ())}
@@ -140,6 +149,12 @@ def _pruner(table, split_as_padded=False, sm100_spills_at_split=frozenset()):
         masked = arguments["MASK_KIND"] != MASK_NONE or arguments["IS_CAUSAL"] or arguments["HAS_DROPOUT"]
         kinds_tried = (kind, F16_MASKED) if masked and kind == F16 else (kind,)
         block_d = max(arguments["BLOCK_D"], arguments["BLOCK_DV"])
+        sm100_masked = (
+            masked and kind == F16 and is_sm100(target_arch(arguments["q_ptr"]))
+            and any(block_d in kinds.get(F16_MASKED_SM100, ()) for kinds in tried_at.values())
+        )
+        if sm100_masked:
+            kinds_tried = (F16_MASKED_SM100,)
         if split_as_padded and arguments.get("SPLIT_D"):
             pieces = (block_d, arguments["BLOCK_D_LO"])
             if kind == F16 and not masked and pieces in split_rows:
@@ -157,7 +172,7 @@ def _pruner(table, split_as_padded=False, sm100_spills_at_split=frozenset()):
                 c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                 not in sm100_spills_at_split
             ] or kept
-        if masked:
+        if masked and not sm100_masked:
             light = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 16 * 32 * c.num_warps]
             kept = light or kept
         return kept

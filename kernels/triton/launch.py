@@ -134,9 +134,13 @@ def _dense_layout(q, k) -> _Layout:
     return _Layout(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
-def _ws_forward_wanted(q, k, v, out, dropout_p) -> bool:
+def _ws_forward_wanted(q, k, v, out, dropout_p, masked=False) -> bool:
     """Whether the forward runs the warp-specialised kernel (``attention_fwd_ws.py``): on sm_100,
-    where it can take the inputs (``ws_forward_takes``)."""
+    where it can take the inputs (``ws_forward_takes``), and under a mask or causal (``masked``)
+    at head dims up to 64 only: padded to 128 (72-96) its masked body spills 128-3140 bytes
+    (ptxas-blackwell 12.9, SigLIP), where the 16-bit kernel's F16_MASKED_SM100 tile is clean."""
+    if masked and max(q.shape[-1], v.shape[-1]) > 64:
+        return False
     return is_sm100(target_arch(q)) and ws_forward_takes(q, k, v, out, dropout_p)
 
 
@@ -149,7 +153,7 @@ def _launch_forward(layout, q, k, v, mask, dropout_seed, scale, dropout_p, is_ca
     def grid(meta):
         return attention_grid(layout.seqlen_q, layout.batch * layout.heads, meta["BLOCK_M"])
 
-    if _ws_forward_wanted(q, k, v, out, dropout_p):
+    if _ws_forward_wanted(q, k, v, out, dropout_p, masked=mask is not None or is_causal):
         launch_ws_forward(layout, q, k, v, mask, scale, is_causal, out, stats, (mask_ptr, mask_strides, mask_kind), grid)
         return
 

@@ -32,7 +32,8 @@ def ws_launches(monkeypatch) -> list:
         return launch_ws(*args, **kwargs)
 
     monkeypatch.setattr(launch, "launch_ws_forward", spy)
-    monkeypatch.setattr(launch, "_ws_forward_wanted", attention_fwd_ws.ws_forward_takes)
+    monkeypatch.setattr(launch, "_ws_forward_wanted",
+                        lambda q, k, v, out, dropout_p, masked=False: attention_fwd_ws.ws_forward_takes(q, k, v, out, dropout_p))
     return calls
 
 
@@ -101,3 +102,8 @@ def test_sm_100_chooses_it_and_sm_90_does_not(monkeypatch):
     for arch, wanted in ((90, False), (100, True), (103, True), (120, False)):
         monkeypatch.setattr(configs, "AHEAD_OF_TIME_ARCH", arch)
         assert launch._ws_forward_wanted(q, q, q, q, 0.0) is wanted, arch
+    monkeypatch.setattr(configs, "AHEAD_OF_TIME_ARCH", 100)
+    padded = torch.randn(1, 2, 10, 72, dtype=bf16)  # masked, a head dim padded past 64: the 16-bit kernel
+    assert launch._ws_forward_wanted(q, q, q, q, 0.0, masked=True)
+    assert launch._ws_forward_wanted(padded, padded, padded, padded, 0.0)
+    assert not launch._ws_forward_wanted(padded, padded, padded, padded, 0.0, masked=True)

@@ -170,7 +170,7 @@ def _attention_fp8(
         return reference.attention_fallback(*dequantized, mask, scale, 0.0, is_causal=is_causal).to(out_dtype)
     from kernels.triton.attention_fp8 import attention_fp8_triton
 
-    descales = packed_descales(q, q_descale, k_descale, v_descale)
+    descales = packed_descales(q.shape[:2], q.device, q_descale, k_descale, v_descale)
     return attention_fp8_triton(q, k, v, descales, mask, scale, is_causal=is_causal, out_dtype=out_dtype)
 
 
@@ -473,15 +473,11 @@ def _attention_varlen_fp8(
     descales, out_dtype, cannot_take, compiling,
 ):
     """``attention_varlen`` of checked packed e4m3 inputs: descales (n, H) or (1, H) broadcast to (n, H)."""
-    n_seqs, heads = cu_seqlens_q.numel() - 1, q.shape[1]
-    as_4d = q.unsqueeze(0).transpose(1, 2)  # (1, H, total, D): the dense checks' view, for the descales' shape
-    rows = []
-    for name, descale in zip(("q_descale", "k_descale", "v_descale"), descales):
-        if descale is not None and isinstance(descale, torch.Tensor) and descale.dim() == 2 and descale.shape[0] == 1:
-            descale = descale.expand(n_seqs, heads)
-        rows.append(descale)
-    batch_view = as_4d.expand(n_seqs, heads, *as_4d.shape[2:])
-    out_dtype = check_fp8_inputs(op, batch_view, k, v, None, *rows, out_dtype, dropout_p)
+    shape = (cu_seqlens_q.numel() - 1, q.shape[1])  # (sequences, H)
+    rows = [  # a (1, H) descale serves every sequence
+        d.expand(shape) if isinstance(d, torch.Tensor) and d.dim() == 2 and d.shape[0] == 1 else d for d in descales
+    ]
+    out_dtype = check_fp8_inputs(op, q, k, v, None, *rows, out_dtype, dropout_p, descale_shape=("(sequences, H)", shape))
     from kernels.triton.attention_fp8 import fp8_target
 
     def kernel_cannot_take():
@@ -503,7 +499,7 @@ def _attention_varlen_fp8(
         return out.to(out_dtype)
     from kernels.triton.attention_fp8 import attention_fp8_varlen_triton
 
-    packed = packed_descales(batch_view, *rows)
+    packed = packed_descales(shape, q.device, *rows)
     return attention_fp8_varlen_triton(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, packed, scale, is_causal=is_causal,
         out_dtype=out_dtype,

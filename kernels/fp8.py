@@ -99,24 +99,27 @@ def dequantize(t: torch.Tensor, descale: torch.Tensor | None, dtype: torch.dtype
     return t * (descale.to(dtype)[:, :, None, None] if t.dim() == 4 else descale.to(dtype)[0][None, :, None])
 
 
-def check_fp8_inputs(op, q, k, v, mask, q_descale, k_descale, v_descale, out_dtype, dropout_p) -> torch.dtype:
+def check_fp8_inputs(
+    op, q, k, v, mask, q_descale, k_descale, v_descale, out_dtype, dropout_p, descale_shape=None
+) -> torch.dtype:
     """One-line errors for FP8 attention's own rules (the shapes are checked as for any attention);
-    returns the output dtype (bfloat16 unless ``out_dtype`` says otherwise)."""
+    returns the output dtype (bfloat16 unless ``out_dtype`` says otherwise). ``descale_shape``: what
+    the descales must be, as (name, (rows, heads)); by default q's (B, H)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype != FP8:
             raise TypeError(
                 f"{op}: FP8 attention takes q, k and v in torch.float8_e4m3fn, got {name} in {t.dtype}"
                 + ("" if t.dtype in FP8_DTYPES else " (quantise all three with kernels.quantize_fp8)")
             )
-    batch, heads = q.shape[:2]
+    shape_name, shape = descale_shape or ("(B, H)", tuple(q.shape[:2]))
     for name, descale in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale)):
         if descale is None:
             continue
         if not isinstance(descale, torch.Tensor) or descale.dtype != torch.float32:
             got = descale.dtype if isinstance(descale, torch.Tensor) else type(descale).__name__
-            raise TypeError(f"{op}: expected {name} a float32 tensor of shape (B, H) = ({batch}, {heads}), got {got}")
-        if tuple(descale.shape) != (batch, heads):
-            raise ValueError(f"{op}: expected {name} of shape (B, H) = ({batch}, {heads}), got {tuple(descale.shape)}")
+            raise TypeError(f"{op}: expected {name} a float32 tensor of shape {shape_name} = {shape}, got {got}")
+        if tuple(descale.shape) != shape:
+            raise ValueError(f"{op}: expected {name} of shape {shape_name} = {shape}, got {tuple(descale.shape)}")
         if descale.device != q.device:
             raise ValueError(f"{op}: expected {name} on q's device {q.device}, got {descale.device}")
     if out_dtype is None:
@@ -137,9 +140,9 @@ def check_fp8_inputs(op, q, k, v, mask, q_descale, k_descale, v_descale, out_dty
     return out_dtype
 
 
-def packed_descales(q, q_descale, k_descale, v_descale) -> torch.Tensor:
-    """The kernel's (B, H, 3) float32 descales (ones where None)."""
-    ones = torch.ones(q.shape[:2], device=q.device, dtype=torch.float32)
+def packed_descales(shape, device, q_descale, k_descale, v_descale) -> torch.Tensor:
+    """The kernel's (*shape, 3) float32 descales, shape (B, H) or (sequences, H) (ones where None)."""
+    ones = torch.ones(shape, device=device, dtype=torch.float32)
     return torch.stack([ones if d is None else d for d in (q_descale, k_descale, v_descale)], dim=-1)
 
 

@@ -336,14 +336,9 @@ def attention_fp8_forward(
 ) -> torch.Tensor:
     """out (B, H, Nq, Dv) in ``out_dtype`` (in (B, Nq, H, Dv) memory, as the 16-bit forward's) of
     checked e4m3 inputs; ``descales`` (B, H, 3) float32 contiguous."""
-    from kernels.triton.launch import _dense_layout
+    from kernels.triton.launch import _dense_layout, _dense_output
 
-    batch, heads, seqlen_q, _ = q.shape
-    head_dim_v = v.shape[3]
-    out = torch.empty_strided(
-        (batch, heads, seqlen_q, head_dim_v), (seqlen_q * heads * head_dim_v, head_dim_v, heads * head_dim_v, 1),
-        device=q.device, dtype=out_dtype,
-    )
+    out = _dense_output(q, v, out_dtype)
     _launch_fp8(_dense_layout(q, k), q, k, v, descales, mask, scale, is_causal, out)
     return out
 
@@ -364,11 +359,10 @@ def attention_fp8_varlen_forward(
 ) -> torch.Tensor:
     """out (total_q, H, Dv) in ``out_dtype`` of checked packed e4m3 inputs; ``descales`` (n, H, 3)
     float32 contiguous, one row per packed sequence."""
-    from kernels.triton.launch import _Layout
+    from kernels.triton.launch import _varlen_layout
 
-    total_q, heads, _ = q.shape
-    out = torch.empty(total_q, heads, v.shape[2], device=q.device, dtype=out_dtype)
-    layout = _Layout(cu_seqlens_q.shape[0] - 1, heads, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
+    out = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=out_dtype)
+    layout = _varlen_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if layout.batch and max_seqlen_q:  # else no query rows: nothing to launch
         _launch_fp8(layout, q, k, v, descales, None, scale, is_causal, out)
     return out

@@ -55,11 +55,12 @@ from kernels.triton.attention_bwd import _dropout_keep_mask_kernel
 from kernels.triton.configs import _KEEP_MASK_BLOCK_M, _KEEP_MASK_BLOCK_N
 from kernels.triton.launch import (  # noqa: F401  (attention_grid, _head_dim_split, _kernel_constants: read by tests)
     _dense_layout,
+    _dense_output,
     _head_dim_split,
     _kernel_constants,
     _launch_backward,
     _launch_forward,
-    _Layout,
+    _varlen_layout,
     attention_grid,
 )
 
@@ -86,13 +87,7 @@ def attention_forward(
     after the other, so a huge maximum (a finfo.min bias) cannot round the sum's logarithm away.
     """
     batch, heads, seqlen_q, _ = q.shape
-    head_dim_v = v.shape[3]
-    # (B, H, Nq, Dv) in (B, Nq, H, Dv) memory, what the output projection reads. Allocated with
-    # those strides rather than permuted, so it is no view and in-place ops on it are allowed.
-    out = torch.empty_strided(
-        (batch, heads, seqlen_q, head_dim_v), (seqlen_q * heads * head_dim_v, head_dim_v, heads * head_dim_v, 1),
-        device=q.device, dtype=q.dtype,
-    )
+    out = _dense_output(q, v, q.dtype)
     stats = torch.empty(2, batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
     _launch_forward(_dense_layout(q, k), q, k, v, mask, dropout_seed, scale, dropout_p, is_causal, allow_tf32, out, stats)
     return out, stats
@@ -165,10 +160,6 @@ attention_backward.register_autograd(_no_double_backward, setup_context=lambda c
 
 
 # Packed sequences (flash-attn's varlen layout): the same kernels, VARLEN on.
-
-
-def _varlen_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> _Layout:
-    return _Layout(cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
 
 
 @torch.library.triton_op("vitriton::attention_varlen_forward", mutates_args={})

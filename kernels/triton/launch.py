@@ -134,6 +134,21 @@ def _dense_layout(q, k) -> _Layout:
     return _Layout(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
+def _varlen_layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> _Layout:
+    return _Layout(cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
+
+
+def _dense_output(q: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The forwards' output (B, H, Nq, Dv) in (B, Nq, H, Dv) memory, what the output projection reads.
+    Allocated with those strides rather than permuted, so it is no view and in-place ops on it are allowed."""
+    batch, heads, seqlen_q, _ = q.shape
+    head_dim_v = v.shape[3]
+    return torch.empty_strided(
+        (batch, heads, seqlen_q, head_dim_v), (seqlen_q * heads * head_dim_v, head_dim_v, heads * head_dim_v, 1),
+        device=q.device, dtype=dtype,
+    )
+
+
 def _ws_forward_wanted(q, k, v, out, dropout_p, masked=False) -> bool:
     """Whether the forward runs the warp-specialised kernel (``attention_fwd_ws.py``): on sm_100,
     where it can take the inputs (``ws_forward_takes``), and under a mask or causal (``masked``)

@@ -219,13 +219,9 @@ def register(*names: str) -> None:
 
 
 def _attention_forward_fake(q, k, v, mask, dropout_seed, scale, dropout_p, is_causal, allow_tf32):
-    batch, heads, seqlen_q, _ = q.shape
-    head_dim_v = v.shape[3]
-    out = torch.empty_strided(
-        (batch, heads, seqlen_q, head_dim_v), (seqlen_q * heads * head_dim_v, head_dim_v, heads * head_dim_v, 1),
-        device=q.device, dtype=q.dtype,
-    )
-    return out, torch.empty(2, batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+    from kernels.triton.launch import _dense_output
+
+    return _dense_output(q, v, q.dtype), torch.empty(2, *q.shape[:3], device=q.device, dtype=torch.float32)
 
 
 def _attention_backward_fake(
@@ -253,12 +249,9 @@ def _patch_embed_forward_fake(images, weight, bias, cls_token, pos_embed):
 
 
 def _fp8_forward_fake(q, k, v, descales, mask, scale, is_causal, out_dtype):
-    batch, heads, seqlen_q, _ = q.shape
-    head_dim_v = v.shape[3]
-    return torch.empty_strided(
-        (batch, heads, seqlen_q, head_dim_v), (seqlen_q * heads * head_dim_v, head_dim_v, heads * head_dim_v, 1),
-        device=q.device, dtype=out_dtype,
-    )
+    from kernels.triton.launch import _dense_output
+
+    return _dense_output(q, v, out_dtype)
 
 
 def _fp8_varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, descales, scale,

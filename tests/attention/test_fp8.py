@@ -322,7 +322,7 @@ def test_errors():
         (TypeError, "are for FP8 (torch.float8_e4m3fn) q, k, v", lambda: attention(bf16, bf16, bf16, q_descale=qd)),
         (TypeError, "FP8 is taken by kernels.attention and kernels.attention_varlen only", lambda: kernels.patch_embed(
             torch.randn(1, 3, 8, 8, device=DEVICE).to(FP8), torch.randn(4, 3, 4, 4, device=DEVICE).to(FP8))),
-        (ValueError, "q_descale of shape (B, H) = (1, 2), got (3, 2)", lambda: kernels.attention_varlen(
+        (ValueError, "q_descale of shape (sequences, H) = (1, 2), got (3, 2)", lambda: kernels.attention_varlen(
             q8[0].transpose(0, 1), k8[0].transpose(0, 1), v8[0].transpose(0, 1),
             *(torch.tensor([0, 8], dtype=torch.int32, device=DEVICE),) * 2, q_descale=torch.ones(3, 2, device=DEVICE))),
         (TypeError, "expected q a float16/bfloat16/float32 tensor", lambda: kernels.quantize_fp8(q8, bf16, bf16)),

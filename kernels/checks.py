@@ -40,7 +40,8 @@ def _check_same(op: str, what: str, named: dict[str, torch.Tensor | None]) -> No
         raise error(f"{op}: expected every tensor on one {what}, got {listed}")
 
 
-_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
+# The float8 dtypes: FP8 attention takes float8_e4m3fn; the others are refused by name.
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
 
 
 def _check_float(op: str, named: dict[str, torch.Tensor], fp8: bool = False) -> None:
@@ -48,7 +49,7 @@ def _check_float(op: str, named: dict[str, torch.Tensor], fp8: bool = False) -> 
     for name, t in named.items():
         if not t.is_floating_point():
             raise TypeError(f"{op}: expected a floating-point {name}, got {t.dtype}")
-        if t.dtype in _FP8_DTYPES and not fp8:
+        if t.dtype in FP8_DTYPES and not fp8:
             raise TypeError(
                 f"{op}: expected {name} in float16, bfloat16, float32 or float64, got {t.dtype} "
                 "(FP8 is taken by kernels.attention and kernels.attention_varlen only, all of q, k, v in torch.float8_e4m3fn)"

@@ -25,22 +25,26 @@ import contextvars
 
 import torch
 
+from kernels.checks import FP8_DTYPES
+
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # the largest finite e4m3 value; float8_e4m3fn has no infinity
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _per_head_scale(t: torch.Tensor) -> torch.Tensor:
     """float32 (B, H): each (batch, head) slice's largest magnitude over E4M3_MAX (1 for an all-zero
     slice, NaN where the slice holds a NaN, inf where it holds an infinity); packed (total, H, D): (1, H)."""
-    amax = (t.detach().abs().amax(dim=(2, 3)) if t.dim() == 4 else t.detach().abs().amax(dim=(0, 2))[None]).float()
+    t = t.detach()
+    dims = (2, 3) if t.dim() == 4 else (0, 2)
+    amax = torch.maximum(t.amax(dim=dims), -t.amin(dim=dims)).float()  # no full-size |t| made for it
+    amax = amax if t.dim() == 4 else amax[None]
     return torch.where(amax == 0, torch.ones_like(amax), amax / E4M3_MAX)
 
 
 def _scaled(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float32 ``t`` over its (B, H) scale (dense), or its (1, H) one (packed)."""
-    return t.float() / (scale[:, :, None, None] if t.dim() == 4 else scale[0][None, :, None])
+    return t.float() / (scale[:, :, None, None] if t.dim() == 4 else scale[0][None, :, None])  # t may be float32: not in place
 
 
 def quantize_fp8(

@@ -34,8 +34,6 @@ from kernels.triton.tiles import (
 )
 from kernels.triton.utils import INTERPRETING, autotune_configs, rounded_to
 
-E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
-
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, the BLOCK_D it is tried at: 96 is a head dim split 64 +
 # 32), read off the machine code (``python -m bench.sass --dtype fp8``, sm_90 and sm_100, ViT-B/16 to
 # SigLIP-So400m): each compiles to FP8 MMA in the loop with no spill there. Left out: 128x64 with 4

@@ -173,7 +173,7 @@ def attention_launches(
         lambda: attention.attention_forward._init_fn(q, k, v, mask, seed, scale, dropout_p, is_causal, allow_tf32)
     )
     out = torch.empty(batch, tokens, heads, head_dim, **meta).permute(0, 2, 1, 3)  # (B, H, N, D)
-    stats = torch.empty(2, batch, heads, tokens, device="meta", dtype=torch.float32)
+    stats = attention._dense_stats(q)  # as the forward allocates it (rows padded in memory)
     grad_out = torch.empty(batch, tokens, heads, head_dim, **meta).permute(0, 2, 1, 3)
     launches += both_backward_paths(
         lambda: recorded(

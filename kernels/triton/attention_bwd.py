@@ -36,10 +36,11 @@ def _attention_backward_delta_kernel(
     out_ptr, grad_out_ptr, delta_ptr,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
-    n_heads, seqlen_q,
+    stride_delta_b, stride_delta_h, n_heads, seqlen_q,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """delta = rowsum(out * grad_out): the softmax backward's row term, dropout included."""
+    """delta = rowsum(out * grad_out): the softmax backward's row term, dropout included. Its rows
+    lie as the statistics' do (``launch._dense_stats``)."""
     n_row_blocks = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
     row_block = pid % n_row_blocks
@@ -60,7 +61,7 @@ def _attention_backward_delta_kernel(
         CHECK_LENGTH=True, TRANSPOSED=False,
     )  # (BLOCK_M, BLOCK_DV)
     delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
-    tl.store(delta_ptr + batch_head.to(tl.int64) * seqlen_q + rows, delta, mask=rows < seqlen_q)
+    tl.store(delta_ptr + batch * stride_delta_b + head * stride_delta_h + rows, delta, mask=rows < seqlen_q)
 
 
 @triton.jit
@@ -99,13 +100,13 @@ def _backward_kv_block(
             grad_out_ptr, rows, grad_out_strides, seqlen_q, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_D_LO,
             ROW_ALIGN=ROW_ALIGN, CHECK_LENGTH=MASKED, TRANSPOSED=False, D_START=BLOCK_DV,
         )  # (BLOCK_M, BLOCK_D_LO)
+    # The rows' log2-sum-exp in two parts (``_store_log_sum_exp``): the lean body needs the first only.
     if MASKED:
-        row_max = tl.load(stats_ptr + rows, mask=rows < seqlen_q, other=0.0)
-        log2_row_sum = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
+        lse = tl.load(stats_ptr + rows, mask=rows < seqlen_q, other=0.0)
+        lse_rest = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
         delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
     else:
-        row_max = tl.load(stats_ptr + rows)
-        log2_row_sum = tl.load(stats_ptr + stride_stats + rows)
+        lse = tl.load(stats_ptr + rows)
         delta = tl.load(delta_ptr + rows)
     qk_t = dot(k, q_t, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
     if SPLIT_D:
@@ -115,9 +116,9 @@ def _backward_kv_block(
             qk_t, rows[None, :], cols[:, None], mask_ptr, mask_strides, seqlen_q, seqlen_k, scale_log2e,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL,
         )  # (BLOCK_N, BLOCK_M)
-        probs_t = tl.exp2(logits_t - row_max[None, :] - log2_row_sum[None, :])
+        probs_t = tl.exp2(logits_t - lse[None, :] - lse_rest[None, :])
     else:
-        probs_t = tl.exp2(qk_t * scale_log2e - row_max[None, :] - log2_row_sum[None, :])
+        probs_t = tl.exp2(qk_t * scale_log2e - lse[None, :])
     # d(logits) = P * (dP - delta), dP = grad_out v^T times the dropout's keep / (1 - p).
     grad_probs_t = dot(v, tl.trans(grad_out), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
     if SPLIT_D:

@@ -31,7 +31,7 @@ from kernels.triton.utils import autotune_configs, dot, rounded_to
 
 @triton.jit
 def _backward_q_block(
-    grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n,
+    grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, lse, lse_rest, delta, rows, start_n,
     k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
     head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -68,9 +68,9 @@ def _backward_q_block(
             qk, rows[:, None], cols[None, :], mask_ptr, mask_strides, seqlen_q, seqlen_k, scale_log2e,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL,
         )  # (BLOCK_M, BLOCK_N)
-        probs = tl.exp2(logits - row_max[:, None] - log2_row_sum[:, None])
+        probs = tl.exp2(logits - lse[:, None] - lse_rest[:, None])
     else:
-        probs = tl.exp2(qk * scale_log2e - row_max[:, None] - log2_row_sum[:, None])
+        probs = tl.exp2(qk * scale_log2e - lse[:, None])  # lse_rest unread: see _store_log_sum_exp
     grad_probs = dot(grad_out, v_t, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32_DOTS, UPCAST_DOTS)
     if SPLIT_D:
         grad_probs = dot(grad_out_lo, v_lo_t, grad_probs, EXACT_FP32_DOTS, UPCAST_DOTS)
@@ -92,7 +92,7 @@ def _backward_q_block(
 
 @triton.jit
 def _backward_q_tail(
-    grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start, end,
+    grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, lse, lse_rest, delta, rows, start, end,
     k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
     head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -106,7 +106,7 @@ def _backward_q_tail(
     if BLOCK_N > 16:  # noqa: SIM102 (a compile-time choice around a run-time one)
         if tail <= 16:
             grad_q, grad_q_lo = _backward_q_block(
-                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start,
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, lse, lse_rest, delta, rows, start,
                 k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
                 head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
@@ -116,7 +116,7 @@ def _backward_q_tail(
             )
     if (tail > 16) | (BLOCK_N == 16):
         grad_q, grad_q_lo = _backward_q_block(
-            grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start,
+            grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, lse, lse_rest, delta, rows, start,
             k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
             head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
             HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
@@ -195,8 +195,9 @@ def _attention_backward_q_kernel(
         grad_out_ptr, rows, grad_out_strides, seqlen_q, HEAD_DIM=HEAD_DIM_V, BLOCK_D=BLOCK_DV, ROW_ALIGN=ROW_ALIGN,
         CHECK_LENGTH=True, TRANSPOSED=False,
     )  # (BLOCK_M, BLOCK_DV)
-    row_max = tl.load(stats_ptr + rows, mask=rows < seqlen_q, other=0.0)
-    log2_row_sum = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
+    # The rows' log2-sum-exp in two parts (``_store_log_sum_exp``); the lean body reads the first only,
+    # and the second is loaded where a masked body needs it, not held through the lean loop.
+    lse = tl.load(stats_ptr + rows, mask=rows < seqlen_q, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
     head_seed = 0
     keep_scale = 1.0
@@ -222,7 +223,7 @@ def _attention_backward_q_kernel(
         whole_end = seqlen_k // BLOCK_N * BLOCK_N
         for start_n in range(0, whole_end, BLOCK_N):
             grad_q, grad_q_lo = _backward_q_block(
-                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n,
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, lse, lse, delta, rows, start_n,  # lse_rest unread
                 k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
                 head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
@@ -235,9 +236,10 @@ def _attention_backward_q_kernel(
         if IS_CAUSAL:
             key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)
         whole_end = key_end // BLOCK_N * BLOCK_N
+        lse_rest = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
         for start_n in range(0, whole_end, BLOCK_N):
             grad_q, grad_q_lo = _backward_q_block(
-                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, start_n,
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, lse, lse_rest, delta, rows, start_n,
                 k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
                 head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
@@ -246,9 +248,10 @@ def _attention_backward_q_kernel(
                 BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
             )
     if whole_end < key_end:  # the last, partial block
+        lse_rest = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
         if NARROW_TAIL:
             grad_q, grad_q_lo = _backward_q_tail(
-                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, whole_end, key_end,
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, lse, lse_rest, delta, rows, whole_end, key_end,
                 k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
                 head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
@@ -258,7 +261,7 @@ def _attention_backward_q_kernel(
             )
         else:
             grad_q, grad_q_lo = _backward_q_block(
-                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, row_max, log2_row_sum, delta, rows, whole_end,
+                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, lse, lse_rest, delta, rows, whole_end,
                 k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
                 head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
                 HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,

@@ -29,6 +29,7 @@ from kernels.triton.tiles import (
     _online_softmax_step,
     _sequence,
     _slice_offset,
+    _store_log_sum_exp,
 )
 from kernels.triton.utils import autotune_configs, dot, rounded_to
 
@@ -239,14 +240,12 @@ def _attention_forward_kernel(
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         )
 
-    # A row with every key masked has row_sum 0: divide by 1, output 0, and save a maximum of 0 and
-    # a sum of 1 so the backward's exp2(-inf - 0) gives it zero probabilities, hence zero gradients.
+    # A row with every key masked has row_sum 0: divide by 1, output 0, and save a log-sum-exp of 0
+    # so the backward's exp2(-inf - 0) gives it zero probabilities, hence zero gradients.
     row_sum = tl.where(row_sum == 0.0, 1.0, row_sum)
     if HAS_DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
     acc = acc / row_sum[:, None]
-    tl.store(stats_ptr + rows, tl.where(row_max == float("-inf"), 0.0, row_max), mask=rows < seqlen_q)
-    tl.store(stats_ptr + stride_stats + rows, tl.log2(row_sum), mask=rows < seqlen_q)
     offs_dv = tl.arange(0, BLOCK_DV)
     out_rows = out_ptr + _offsets(rows, stride_om, ROW_ALIGN)[:, None]
     tl.store(
@@ -262,3 +261,6 @@ def _attention_forward_kernel(
             out_rows + offs_lo[None, :] * stride_od, rounded_to(acc_lo, out_ptr, UPCAST_DOTS),
             mask=(rows[:, None] < seqlen_q) & (offs_lo[None, :] < HEAD_DIM_V),
         )
+    # Last, once the output is stored: its temporaries beside the accumulator cost a block per SM
+    # (ViT-H/14's 64x64 tile, sm_90).
+    _store_log_sum_exp(stats_ptr, stride_stats, rows, rows < seqlen_q, row_max, row_sum)

@@ -56,6 +56,7 @@ from kernels.triton.configs import _KEEP_MASK_BLOCK_M, _KEEP_MASK_BLOCK_N
 from kernels.triton.launch import (  # noqa: F401  (attention_grid, _head_dim_split, _kernel_constants: read by tests)
     _dense_layout,
     _dense_output,
+    _dense_stats,
     _head_dim_split,
     _kernel_constants,
     _launch_backward,
@@ -82,13 +83,13 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, Nq, Dv), softmax statistics (2, B, H, Nq) fp32) of checked inputs.
 
-    The statistics are each row's log-sum-exp in base 2, kept in two parts: [0] the row maximum of
-    the logits, [1] log2 of the row sum of exp2(logits - maximum). The backward subtracts them one
-    after the other, so a huge maximum (a finfo.min bias) cannot round the sum's logarithm away.
+    The statistics are each row's log-sum-exp in base 2, kept in two parts whose exact sum it is:
+    [0] the sum rounded to fp32, [1] what that rounding lost (``tiles._store_log_sum_exp``). The
+    lean backward reads [0] only; the masked one subtracts both, so a huge row maximum (a finfo.min
+    bias) cannot round the sum's logarithm away. Rows padded in memory: ``launch._dense_stats``.
     """
-    batch, heads, seqlen_q, _ = q.shape
     out = _dense_output(q, v, q.dtype)
-    stats = torch.empty(2, batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+    stats = _dense_stats(q)
     _launch_forward(_dense_layout(q, k), q, k, v, mask, dropout_seed, scale, dropout_p, is_causal, allow_tf32, out, stats)
     return out, stats
 
@@ -113,7 +114,7 @@ def attention_backward(
     batch, heads, seqlen_q, _ = q.shape
     seqlen_k = k.shape[2]
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+    delta = torch.empty_strided(stats.shape[1:], stats.stride()[1:], device=q.device, dtype=torch.float32)
     # Zeros: the blocks a causal mask skips are never written, and their gradient is 0.
     grad_bias = (
         torch.zeros(batch, heads, seqlen_q, seqlen_k, device=q.device, dtype=torch.float32)

@@ -76,9 +76,11 @@ _BACKWARD_Q_TABLE = [
 
 # dQ tiles that run their last, partial block of keys whole (NARROW_TAIL off): the narrow copy
 # (``_backward_q_tail``) costs them a block per SM on sm_90 (ptxas 12.9): 64x64, 4 warps, 128 -> 134
-# registers at ViT-B/16 (4 -> 3 blocks) and 168 -> 170 at ViT-H/14 (3 -> 2). Every other tile of
-# every kernel keeps its registers' blocks per SM and its main loop with the narrow block.
-_BACKWARD_Q_WHOLE_TAIL = {(64, 64, 4, 2)}
+# registers at ViT-B/16 (4 -> 3 blocks) and 168 -> 170 at ViT-H/14 (3 -> 2); 64x32, 4 warps, at
+# SigLIP (127 -> 132, 4 -> 3) since the lean body reads one log-sum-exp (its narrow block would
+# save 16 of 32 columns once per row block). Every other tile of every kernel keeps its registers'
+# blocks per SM and its main loop with the narrow block.
+_BACKWARD_Q_WHOLE_TAIL = {(64, 64, 4, 2), (64, 32, 4, 2)}
 
 
 # The compute capability the pruners assume for tensors on no GPU: bench.sass's meta tensors (it sets

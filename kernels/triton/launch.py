@@ -149,6 +149,20 @@ def _dense_output(q: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch
     )
 
 
+def _dense_stats(q: torch.Tensor) -> torch.Tensor:
+    """The forward's statistics, (2, B, H, Nq) fp32 (``_store_log_sum_exp``), each (batch, head) row
+    a multiple of 16 floats from the next: an unpadded stride of Nq = 197 or 729 tells Triton
+    nothing of alignment, and the backward kernels then read each row's two floats with a scalar
+    load apiece (sm_90: 16 LDG.E per thread per block of 64 rows, where 8 LDG.E.64 do). The backward
+    gives delta the same strides. Allocated with them rather than sliced, so it is no view."""
+    batch, heads, seqlen_q, _ = q.shape
+    row_stride = -(-seqlen_q // 16) * 16
+    return torch.empty_strided(
+        (2, batch, heads, seqlen_q), (batch * heads * row_stride, heads * row_stride, row_stride, 1),
+        device=q.device, dtype=torch.float32,
+    )
+
+
 def _ws_forward_wanted(q, k, v, out, dropout_p, masked=False) -> bool:
     """Whether the forward runs the warp-specialised kernel (``attention_fwd_ws.py``): on sm_100,
     where it can take the inputs (``ws_forward_takes``), and under a mask or causal (``masked``)
@@ -237,7 +251,8 @@ def _launch_backward(
     torch.library.wrap_triton(_attention_backward_delta_kernel)[
         attention_grid(delta_rows, delta_batch * layout.heads, _PREPASS_BLOCK_M)
     ](
-        out, grad_out, delta, *layout.strides(out), *layout.strides(grad_out), layout.heads, delta_rows,
+        out, grad_out, delta, *layout.strides(out), *layout.strides(grad_out), stride_stats_b, stride_stats_h,
+        layout.heads, delta_rows,
         HEAD_DIM_V=v.shape[-1], BLOCK_DV=padded_dv, ROW_ALIGN=constants["ROW_ALIGN"],
         BLOCK_M=_PREPASS_BLOCK_M,
     )

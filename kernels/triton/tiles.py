@@ -86,6 +86,25 @@ def _online_softmax_step(qk, logits, row_max, row_sum, scale_log2e, MASKED: tl.c
 
 
 @triton.jit
+def _store_log_sum_exp(stats_ptr, stride_stats, rows, in_rows, row_max, row_sum):
+    """Save each row's log2(sum exp2(logits)) for the backward as two floats whose exact sum it is:
+    ``lse`` = row_max + log2(row_sum) rounded, at ``stats_ptr``, and ``lse_rest``, what the rounding
+    lost (Knuth's TwoSum), ``stride_stats`` further on. The backward's lean body reads ``lse`` only,
+    one FFMA per score (``exp2(qk * scale_log2e - lse)``); its masked body subtracts both, because a
+    row of finfo(float32).min biases (Hugging Face's "masked") has row_max near -3.3e38, where the
+    sum's log2 is far below half an ulp: lost in ``lse``, kept whole in ``lse_rest``. A row with no
+    key to attend (row_max -inf, row_sum 1 after the forward's fix-up) saves (0, 0)."""
+    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+    log2_row_sum = tl.log2(row_sum)
+    lse = shift + log2_row_sum
+    log2_row_sum_part = lse - shift
+    shift_part = lse - log2_row_sum_part
+    lse_rest = (shift - shift_part) + (log2_row_sum - log2_row_sum_part)
+    tl.store(stats_ptr + rows, lse, mask=in_rows)
+    tl.store(stats_ptr + stride_stats + rows, lse_rest, mask=in_rows)
+
+
+@triton.jit
 def _dropout_keep(head_seed, rows, cols, seqlen_k, dropout_p):
     """Philox keep decisions (True = keep) for the tile at ``rows`` x ``cols`` of one (batch, head)."""
     return tl.rand(head_seed, rows * seqlen_k + cols) >= dropout_p

@@ -227,15 +227,17 @@ def test_rows_with_every_key_masked_give_zeros(dtype, how):
 
 
 def test_saved_log_sum_exp():
-    """The forward saves log2(sum exp(logits)) per row as (row maximum, log2 of the shifted sum),
-    and (0, 0) for a row with every key masked."""
+    """The forward saves log2(sum exp(logits)) per row as two floats, its fp32 rounding and what
+    that lost (their fp32 sum is the first: TwoSum), and (0, 0) for a row with every key masked.
+    The rows lie 16 floats apart in memory (40 -> 48), so the backward can read them vectorised."""
     inputs = make_inputs(1, 2, 40, 35, 32, f32, mask=("bool", (40, 35), torch.bool), seed=4)
     inputs["mask"][7] = False
     q, k, v, mask = inputs.values()
     scale = 32**-0.5
     _, stats = attention_module.attention_forward(q, k, v, mask, None, scale, 0.0, False, False)
-    assert stats.shape == (2, 1, 2, 40) and stats.dtype == torch.float32
-    lse = stats[0] + stats[1]
+    assert stats.shape == (2, 1, 2, 40) and stats.dtype == torch.float32 and stats.stride() == (96, 96, 48, 1)
+    assert torch.equal(stats[0] + stats[1], stats[0])  # the second part is below half an ulp of the first
+    lse = stats[0].double() + stats[1].double()
 
     def log2_sum_exp(q, k):
         logits = (torch.einsum("bhqd, bhkd -> bhqk", q, k) * scale).masked_fill(~mask, float("-inf"))

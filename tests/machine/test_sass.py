@@ -11,9 +11,9 @@ the autotuner may try there (after its pruning) must:
 and the forward's main loop at ViT-B/16 must cost at most 10 instructions per score for its best
 config (13.8 before the loop was made lean; Triton's tutorial kernel is about 9.4). Issue 21 adds:
 - every forward and dK/dV config tried on the lean path at most 11.5 instructions per score (the
-  32-wide tiles, 12.6-15.7, are left to masked launches), but dK/dV at the head dims split 64 + 16
-  (ViT-H/14, SigLIP), where the best tile compiled is 13.2-13.3 and 2 blocks per SM (was 15.3-15.5
-  at 1 block): at most 13.5 there, and 2 blocks per SM;
+  32-wide tiles, 12.6-15.7, are left to masked launches), dK/dV at the head dims split 64 + 16
+  (ViT-H/14, SigLIP) included (11.0-11.2 since the lean body reads one log-sum-exp, vectorised: 13.2-13.3
+  before, 15.3-15.5 at 1 block per SM before that), there with 2 blocks per SM;
 - the narrow last block (``_forward_tail``, ``_backward_kv_tail``, ``_backward_q_tail``): its 16-wide
   MMAs outside the main loop, the main loop (instructions, MMAs) and the blocks per SM as they were
   before it (``sass_before_narrow_block.json``: the same configs compiled from the kernels of
@@ -187,7 +187,7 @@ def test_forward_main_loop_at_vit_b16_is_lean(compiled, dtype):
 # ---------------------------------------------------------------------------------------------
 # Issue 21: no weak tiles on the lean path, the narrow last block.
 
-LEAN_MOST_PER_SCORE, SPLIT_DKDV_MOST_PER_SCORE = 11.5, 13.5
+LEAN_MOST_PER_SCORE = 11.5
 BEFORE_NARROW_BLOCK = json.loads((Path(__file__).parent / "sass_before_narrow_block.json").read_text())
 NARROW_MMA = re.compile(r"^HGMMA\.\d+x16x")  # a wgmma 16 columns wide: the narrow block's (and a split head dim's second piece)
 
@@ -205,12 +205,9 @@ def _split_head_dim(shape: str) -> bool:
 def test_lean_tiles_cost_at_most_11_5_instructions_per_score(compiled):
     too_many = [
         f"{_described(e)}: {e['instructions_per_score']}"
-        for (shape, _), entries in compiled.items() for e in entries
+        for entries in compiled.values() for e in entries
         if e["kernel"] in ("_attention_forward_kernel", "_attention_backward_kv_kernel")
-        and e["instructions_per_score"] > (
-            SPLIT_DKDV_MOST_PER_SCORE if e["kernel"] == "_attention_backward_kv_kernel" and _split_head_dim(shape)
-            else LEAN_MOST_PER_SCORE
-        )
+        and e["instructions_per_score"] > LEAN_MOST_PER_SCORE
     ]
     assert not too_many, "\n".join(too_many)
 

@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_leaves
 
 import kernels
 from kernels.reference import attention_fallback, attention_reference, fallback
-from tests.equivalence import assert_close_to_reference, max_error
+from tests.equivalence import DEVICE, assert_close_to_reference, max_error
 
 f64 = torch.float64
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -295,7 +295,10 @@ def test_a_bias_of_finfo_min_on_every_key_is_no_masked_row(backend, dtype, bias_
     bias = finfo_min_bias(shape, bias_dtype)
 
     def attend(q, k, v, mask, **kwargs):
-        return kernels.attention(q, k, v, mask, backend=backend, **kwargs)
+        # On DEVICE (CUDA tensors on a GPU, where backend="triton" refuses CPU ones), the output and
+        # through it the gradients back on the CPU, where the references compute.
+        on_device = (t.to(DEVICE) for t in (q, k, v, mask))
+        return kernels.attention(*on_device, backend=backend, **kwargs).cpu()
 
     # SDPA takes a bias of q's dtype only; the oracle in q's dtype then sets the allowance.
     assert_matches_oracle(q, k, v, bias, fallback=attend, reference_low=sdpa if bias_dtype == dtype else attention_reference)

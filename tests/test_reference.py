@@ -11,6 +11,7 @@ import kernels
 from kernels import backend as backend_choice
 from kernels import dispatch
 from kernels.reference import attention_reference, patch_embed_reference
+from tests.equivalence import DEVICE
 
 
 def qkv(batch=2, heads=3, n_queries=7, n_keys=7, dim=16, dtype=torch.float64, seed=0):
@@ -180,8 +181,9 @@ def test_triton_on_cpu_with_interpreter_is_allowed(monkeypatch):
 
 
 def test_triton_refuses_float64():
+    # On DEVICE: on a GPU, where the interpreter is off, a CPU tensor would be refused for its device first.
     with pytest.raises(TypeError, match="float16, bfloat16 or float32, got torch.float64"):
-        backend_choice.pick_backend("triton", "attention", [torch.zeros(1, dtype=torch.float64)])
+        backend_choice.pick_backend("triton", "attention", [torch.zeros(1, dtype=torch.float64, device=DEVICE)])
 
 
 def test_backend_names_are_checked():

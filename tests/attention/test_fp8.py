@@ -23,7 +23,7 @@ import triton.language as tl
 import kernels
 from kernels.fp8 import E4M3_MAX, FP8, dequantize
 from kernels.triton.attention_fp8 import _INTERPRETER_FP8_CONFIG, round_to_e4m3
-from tests.equivalence import DEVICE
+from tests.equivalence import DEVICE, ON_GPU
 
 pytestmark = pytest.mark.interpreter
 LOG2E = math.log2(math.e)
@@ -423,7 +423,6 @@ def test_fp8_custom_ops_pass_opcheck():
     AOT-dispatch checks too (the interpreter reads data pointers fakes lack). Not test_schema: torch's
     schema check multiplies the inputs, which float8 tensors do not implement (torch 2.14)."""
     from kernels.triton import attention_fp8
-    from tests.equivalence import ON_GPU
 
     q8, k8, v8, qd, kd, vd = fp8_inputs(batch=1, heads=2, seqlen_q=9, seqlen_k=11, head_dim=32)
     descales = torch.stack([qd, kd, vd], -1).contiguous()
@@ -454,14 +453,15 @@ def test_narrow_last_block(monkeypatch, seqlen_k):
         widths.append(int(kwargs["BLOCK_N"]))
         return block(*args, **kwargs)
 
-    monkeypatch.setattr(attention_fp8, "_fp8_block", spy)
+    if not ON_GPU:  # only the interpreter calls a jit helper as a Python global: compiled, the check alone runs
+        monkeypatch.setattr(attention_fp8, "_fp8_block", spy)
     for head_dim, narrowed in ((64, True), (80, False)):
         widths.clear()
         inputs = fp8_inputs(batch=1, heads=2, seqlen_q=40, seqlen_k=seqlen_k, head_dim=head_dim, seed=seqlen_k)
         out = run_fp8(inputs)
         tail = seqlen_k % 64
         expected_widths = [64] * (seqlen_k // 64) + ([] if not tail else [32 if narrowed and tail <= 32 else 64])
-        assert widths == expected_widths * 2, (head_dim, widths)  # per program: 2 heads, 1 row block
+        assert ON_GPU or widths == expected_widths * 2, (head_dim, widths)  # per program: 2 heads, 1 row block
         v_max = dequantize(inputs[2], inputs[5]).abs().max().item()
         assert_close_but_for_ties(out, emulated(*inputs, block_n=64), rtol=1e-5, atol=1e-5 * v_max,
                                   off_bound=2.0**-3 * v_max)

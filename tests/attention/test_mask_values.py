@@ -14,20 +14,22 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from tests.equivalence import DEVICE
 
 B, H, N, D = 2, 2, 7, 16
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 TRITON = pytest.param("triton", marks=pytest.mark.interpreter)  # runs the kernels: the interpreter on a CPU
 
 
-def _nan_pattern(run, dtype, bias):
-    """Where ``run(q, k, v, bias)`` and its gradients are NaN (bool tensors), from one draw of inputs."""
+def _nan_pattern(run, dtype, bias, device="cpu"):
+    """Where ``run(q, k, v, bias)`` and its gradients are NaN (bool tensors on the CPU), from one draw
+    of inputs on ``device``."""
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, N, D, generator=generator).to(dtype).requires_grad_() for _ in range(3))
-    bias = bias.to(dtype).requires_grad_()
+    q, k, v = (torch.randn(B, H, N, D, generator=generator).to(device, dtype).requires_grad_() for _ in range(3))
+    bias = bias.to(device, dtype).requires_grad_()
     out = run(q, k, v, bias)
     out.backward(torch.ones_like(out))
-    return [t.isnan() for t in (out, q.grad, k.grad, v.grad, bias.grad)]
+    return [t.isnan().cpu() for t in (out, q.grad, k.grad, v.grad, bias.grad)]
 
 
 def _sdpa(q, k, v, bias):
@@ -44,7 +46,8 @@ def test_a_nan_in_a_float_mask_is_nan_where_sdpa_has_nan(backend, dtype):
     bias[1, 0, 3, 5] = float("nan")  # one key of one row of one (batch, head)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ours = _nan_pattern(lambda q, k, v, b: kernels.attention(q, k, v, b, backend=backend), dtype, bias)
+        # Ours on DEVICE (a GPU's CUDA tensors: the interpreter, which takes CPU ones, is off there); SDPA on the CPU.
+        ours = _nan_pattern(lambda q, k, v, b: kernels.attention(q, k, v, b, backend=backend), dtype, bias, DEVICE)
     theirs = _nan_pattern(_sdpa, dtype, bias)
     for name, mine, wanted in zip(["out", "dq", "dk", "dv", "dbias"], ours, theirs):
         assert wanted.any(), name  # the check has teeth: SDPA has NaN in each of them
@@ -54,15 +57,15 @@ def test_a_nan_in_a_float_mask_is_nan_where_sdpa_has_nan(backend, dtype):
 @pytest.mark.parametrize("backend", ["einsum", TRITON])
 def test_a_nan_mask_row_does_not_reach_other_rows(backend):
     """The NaN stays in its row: the other rows equal the answer without it."""
-    bias = torch.zeros(B, H, N, N)
+    bias = torch.zeros(B, H, N, N, device=DEVICE)  # on DEVICE: CUDA tensors on a GPU, where the interpreter is off
     with_nan = bias.clone()
     with_nan[0, 1, 2, 4] = float("nan")
-    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    q, k, v = (torch.randn(B, H, N, D).to(DEVICE) for _ in range(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = kernels.attention(q, k, v, with_nan, backend=backend)
         clean = kernels.attention(q, k, v, bias, backend=backend)
-    row = torch.zeros(B, H, N, dtype=torch.bool)
+    row = torch.zeros(B, H, N, dtype=torch.bool, device=DEVICE)
     row[0, 1, 2] = True
     assert out[row].isnan().all()
     torch.testing.assert_close(out[~row], clean[~row])

@@ -22,16 +22,16 @@ f64 = torch.float64
 TRITON = pytest.param("triton", marks=pytest.mark.interpreter)  # runs the kernels: the interpreter on a CPU
 
 
-def packed(lengths_q, lengths_k, heads=2, head_dim=16, head_dim_v=None, dtype=f64, seed=0):
+def packed(lengths_q, lengths_k, heads=2, head_dim=16, head_dim_v=None, dtype=f64, seed=0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     total_q, total_k = sum(lengths_q), sum(lengths_k)
 
     def make(total, dim):
-        return torch.randn(total, heads, dim, generator=generator, dtype=f64).to(dtype).requires_grad_()
+        return torch.randn(total, heads, dim, generator=generator, dtype=f64).to(device, dtype).requires_grad_()
 
     q, k, v = make(total_q, head_dim), make(total_k, head_dim), make(total_k, head_dim_v or head_dim)
-    cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32)
-    cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32)
+    cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32, device=device)
     return q, k, v, cu_q, cu_k
 
 
@@ -179,7 +179,8 @@ def test_packed_vit_refuses_sides_that_are_not_patch_multiples():
 @pytest.mark.parametrize("backend", ["einsum", TRITON])
 def test_varlen_takes_max_seqlen_as_a_0d_integer_tensor(backend):
     """What Qwen's vision towers compute: ``cu_seqlens.diff().max()``, a 0-d tensor."""
-    q, k, v, cu_q, cu_k = packed([3, 4], [5, 2], dtype=torch.float32)
+    # On DEVICE: CUDA tensors on a GPU, where backend="triton" refuses CPU ones (the interpreter is off).
+    q, k, v, cu_q, cu_k = packed([3, 4], [5, 2], dtype=torch.float32, device=DEVICE)
     wanted = kernels.attention_varlen(q, k, v, cu_q, cu_k, 4, 5, backend=backend)
     for dtype in (torch.int32, torch.int64):
         longest_q, longest_k = cu_q.diff().max().to(dtype), cu_k.diff().max().to(dtype)
@@ -187,15 +188,16 @@ def test_varlen_takes_max_seqlen_as_a_0d_integer_tensor(backend):
         torch.testing.assert_close(got, wanted, rtol=0, atol=0)
 
 
-def _strided_cu_seqlens(values):
-    """Three views holding ``values`` that are not plain contiguous tensors, with junk in between."""
+def _strided_cu_seqlens(values, device="cpu"):
+    """Three views on ``device`` holding ``values`` that are not plain contiguous tensors, with junk in between
+    (made there: a copy to another device would be contiguous)."""
     n = len(values)
-    every_other = torch.full((2 * n,), 10**6, dtype=torch.int32)
-    every_other[::2] = torch.tensor(values, dtype=torch.int32)
-    offset = torch.full((n + 3,), 10**6, dtype=torch.int32)
-    offset[3:] = torch.tensor(values, dtype=torch.int32)
+    every_other = torch.full((2 * n,), 10**6, dtype=torch.int32, device=device)
+    every_other[::2] = torch.tensor(values, dtype=torch.int32, device=device)
+    offset = torch.full((n + 3,), 10**6, dtype=torch.int32, device=device)
+    offset[3:] = torch.tensor(values, dtype=torch.int32, device=device)
     # expanded: a (2, n) view of one row, read down a column of stride 0 would repeat one value
-    expanded = torch.tensor(values, dtype=torch.int32)[None].expand(2, n)[1]
+    expanded = torch.tensor(values, dtype=torch.int32, device=device)[None].expand(2, n)[1]
     return {"every_other": every_other[::2], "offset": offset[3:], "expanded": expanded}
 
 
@@ -204,20 +206,22 @@ def _strided_cu_seqlens(values):
 def test_varlen_reads_the_values_of_a_strided_cu_seqlens(which, backend):
     """Issue 19: a strided view's values were checked on the host, then read as if contiguous."""
     lengths_q, lengths_k = [4, 6, 3], [5, 2, 7]
-    q, k, v, cu_q, cu_k = packed(lengths_q, lengths_k, dtype=torch.float32)
-    view_q = _strided_cu_seqlens(cu_q.tolist())[which]
-    view_k = _strided_cu_seqlens(cu_k.tolist())[which]
+    q, k, v, cu_q, cu_k = packed(lengths_q, lengths_k, dtype=torch.float32)  # the references' inputs, on the CPU
+    # The call under test on DEVICE: CUDA tensors on a GPU, where backend="triton" refuses CPU ones.
+    ours = [t.detach().to(DEVICE).requires_grad_() for t in (q, k, v)]
+    view_q = _strided_cu_seqlens(cu_q.tolist(), DEVICE)[which]
+    view_k = _strided_cu_seqlens(cu_k.tolist(), DEVICE)[which]
     assert which == "expanded" or not view_q.is_contiguous() or view_q.storage_offset() > 0
     grad = torch.randn(sum(lengths_q), 2, 16)
     wanted = attention_varlen_reference(*(t.detach().double().requires_grad_() for t in (q, k, v)), cu_q, cu_k)
-    got = kernels.attention_varlen(q, k, v, view_q, view_k, backend=backend)
-    assert_close_to_reference(got, wanted, wanted.float())
-    grads = torch.autograd.grad(got, (q, k, v), grad)
+    got = kernels.attention_varlen(*ours, view_q, view_k, backend=backend)
+    assert_close_to_reference(got.cpu(), wanted, wanted.float())
+    grads = torch.autograd.grad(got, ours, grad.to(DEVICE))
     wanted_grads = torch.autograd.grad(
         kernels.attention_varlen(q, k, v, cu_q, cu_k, backend="einsum"), (q, k, v), grad
     )
     for mine, theirs in zip(grads, wanted_grads):
-        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mine.cpu(), theirs, rtol=1e-4, atol=1e-5)
 
 
 def test_varlen_cache_of_checked_cu_seqlens_is_not_fooled_by_reused_storage():
@@ -284,7 +288,8 @@ def test_varlen_causal_is_top_left_aligned_not_flash_attns_bottom_right(backend)
     says), which differs from flash-attn >= 2.1 (j <= i + Nk - Nq) whenever Nq != Nk."""
     lengths_q, lengths_k = [3, 5], [6, 2]
     q, k, v, cu_q, cu_k = packed(lengths_q, lengths_k, dtype=torch.float32)
-    got = kernels.attention_varlen(q, k, v, cu_q, cu_k, is_causal=True, backend=backend)
+    # On DEVICE (CUDA tensors on a GPU, where backend="triton" refuses CPU ones), compared on the CPU.
+    got = kernels.attention_varlen(*(t.to(DEVICE) for t in (q, k, v, cu_q, cu_k)), is_causal=True, backend=backend).cpu()
     starts_q, starts_k = [0, 3], [0, 6]
     for (nq, nk), sq, sk in zip(zip(lengths_q, lengths_k), starts_q, starts_k):
         one = [t[s:s + n].transpose(0, 1)[None] for t, s, n in ((q, sq, nq), (k, sk, nk), (v, sk, nk))]

@@ -328,14 +328,19 @@ def test_fake_kernels_match_the_real_outputs():
 
     from kernels.triton import attention_fp8, attention_ops, patch_embed  # noqa: F401  (registers the ops)
     from kernels.triton.sharding import _FAKES
+    from tests.equivalence import DEVICE
 
     g = torch.Generator().manual_seed(4)
     q, k, v = torch.randn(2, 3, 5, 16, generator=g), torch.randn(2, 3, 7, 16, generator=g), torch.randn(2, 3, 7, 24, generator=g)
-    qp, kp, vp = (t.transpose(1, 2).reshape(-1, 3, t.shape[-1]) for t in (q, k, v))
-    cu_q, cu_k = torch.tensor([0, 5, 10], dtype=torch.int32), torch.tensor([0, 7, 14], dtype=torch.int32)
     bias = torch.randn(1, 3, 5, 7, generator=g)
     images, weight = torch.randn(2, 3, 8, 8, generator=g), torch.randn(32, 3, 4, 4, generator=g)
     cls, pos = torch.randn(1, 2, 32, generator=g), torch.randn(1, 6, 32, generator=g)
+    # The real ops on DEVICE: CUDA tensors on a GPU, where the interpreter (which takes CPU ones) is off.
+    q, k, v, bias, images, weight, cls, pos = (t.to(DEVICE) for t in (q, k, v, bias, images, weight, cls, pos))
+    qp, kp, vp = (t.transpose(1, 2).reshape(-1, 3, t.shape[-1]) for t in (q, k, v))
+    cu_q = torch.tensor([0, 5, 10], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 7, 14], dtype=torch.int32, device=DEVICE)
+    descales = torch.ones(2, 3, 3, device=DEVICE)
     ops = torch.ops.vitriton
     out, stats = ops.attention_forward(q, k, v, bias, None, 0.25, 0.0, False, False)
     out_p, stats_p = ops.attention_varlen_forward(qp, kp, vp, cu_q, cu_k, 5, 7, None, 0.25, 0.0, False, False)
@@ -345,10 +350,10 @@ def test_fake_kernels_match_the_real_outputs():
         "attention_backward": (out, q, k, v, out, stats, bias, None, 0.25, 0.0, False, False, True),
         "attention_varlen_forward": (qp, kp, vp, cu_q, cu_k, 5, 7, None, 0.25, 0.0, False, False),
         "attention_varlen_backward": (out_p, qp, kp, vp, out_p, stats_p, cu_q, cu_k, 5, 7, None, 0.25, 0.0, False, False),
-        "attention_fp8_forward": (*(t.to(torch.float8_e4m3fn) for t in (q, k, v)), torch.ones(2, 3, 3), bias, 0.25,
+        "attention_fp8_forward": (*(t.to(torch.float8_e4m3fn) for t in (q, k, v)), descales, bias, 0.25,
                                   False, torch.bfloat16),
         "attention_fp8_varlen_forward": (*(t.to(torch.float8_e4m3fn) for t in (qp, kp, vp)), cu_q, cu_k, 5, 7,
-                                         torch.ones(2, 3, 3), 0.25, False, torch.float16),
+                                         descales, 0.25, False, torch.float16),
         "patch_embed_forward": (images, weight, None, cls, pos),
         "patch_embed_grad_weight": (tokens[:, 2:], images, weight),
         "patch_embed_grad_images": (tokens[:, 2:], images, weight),

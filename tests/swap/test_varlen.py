@@ -12,6 +12,7 @@ import torch
 
 import kernels
 from kernels import dispatch
+from tests.equivalence import DEVICE
 
 pytest.importorskip("transformers")
 
@@ -56,8 +57,8 @@ def qwen3_vl():
     return Qwen3VLVisionModel._from_config(config, attn_implementation="sdpa")
 
 
-def _output(model, pixels):
-    out = model(pixels, grid_thw=GRID)
+def _output(model, pixels, grid=GRID):
+    out = model(pixels, grid_thw=grid)
     return out.pooler_output if hasattr(out, "pooler_output") else out
 
 
@@ -213,32 +214,33 @@ def test_towers_on_the_triton_varlen_kernels_equal_their_own_sdpa_path(build, in
     model64 = build().to(f64)
     args = inputs()
 
-    def run(model, dtype):
-        pixels = args[0].to(dtype)
+    def run(model, dtype, device="cpu"):
+        pixels = args[0].to(device, dtype)
         if build is pixtral:
             return model(pixels, image_sizes=args[1]).last_hidden_state
-        return _output(model, pixels)
+        return _output(model, pixels, GRID.to(device))  # the tower's cu_seqlens come from the grid, on its device
 
     expected = run(model64, f64)
     grad = torch.randn_like(expected)
     expected.backward(grad)
     model32 = build().float()
     model32.load_state_dict(model64.state_dict())
+    model32.to(DEVICE)  # CUDA tensors on a GPU, where the interpreter (which takes CPU ones) is off
     kernels.swap(model32)
     calls = []
     varlen = dispatch.attention_varlen
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dispatch, "attention_varlen", lambda *a, **kw: calls.append(kw.get("backend")) or varlen(*a, **kw))
         with kernels.use_backend("triton"):
-            actual = run(model32, torch.float32)
-            actual.backward(grad.float())
+            actual = run(model32, torch.float32, DEVICE)
+            actual.backward(grad.float().to(DEVICE))
     assert len(calls) == 2  # one per layer, on the Triton path (use_backend)
-    torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(actual.double().cpu(), expected, rtol=1e-4, atol=1e-4)
     for (name, p32), p64 in zip(model32.named_parameters(), model64.parameters()):
         if p64.grad is None:
             assert p32.grad is None, name
         else:
-            torch.testing.assert_close(p32.grad.double(), p64.grad, rtol=1e-3, atol=1e-4, msg=name)
+            torch.testing.assert_close(p32.grad.double().cpu(), p64.grad, rtol=1e-3, atol=1e-4, msg=name)
 
 
 def _captured_call(module, run):

@@ -81,6 +81,9 @@ def run_main(monkeypatch, capsys, *arguments: str) -> tuple[int, str, str, list[
         return logits[-1]
 
     monkeypatch.setattr(ViT, "forward_head", recording_forward_head)
+    # main() runs on CUDA where it can: these checks are of the weights and the printout on the CPU path,
+    # also on a GPU machine (where the logits would come from CUDA and the report would differ).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code = vit_main.main([*arguments, "--backend", "einsum"])
     out, err = capsys.readouterr()
     return code, out, err, logits

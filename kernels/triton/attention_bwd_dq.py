@@ -217,36 +217,25 @@ def _attention_backward_q_kernel(
             ROW_ALIGN=ROW_ALIGN, CHECK_LENGTH=True, TRANSPOSED=False, D_START=BLOCK_DV,
         )
         grad_q_lo = tl.zeros([BLOCK_M, BLOCK_D_LO], tl.float32)
-    # The lean body (see above); the calls differ in where they start and in MASKED only.
-    if MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS:
-        key_end = seqlen_k
-        whole_end = seqlen_k // BLOCK_N * BLOCK_N
-        for start_n in range(0, whole_end, BLOCK_N):
-            grad_q, grad_q_lo = _backward_q_block(
-                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, lse, lse, delta, rows, start_n,  # lse_rest unread
-                k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
-                head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
-                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
-                EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
-                BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False,
-            )
-    else:
-        key_end = seqlen_k
-        if IS_CAUSAL:
-            key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)
-        whole_end = key_end // BLOCK_N * BLOCK_N
+    # The lean body (tiles.py) where it applies.
+    lean: tl.constexpr = MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS
+    key_end = seqlen_k
+    if IS_CAUSAL:
+        key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)
+    whole_end = key_end // BLOCK_N * BLOCK_N
+    lse_rest = lse  # unread by the lean body
+    if not lean:
         lse_rest = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
-        for start_n in range(0, whole_end, BLOCK_N):
-            grad_q, grad_q_lo = _backward_q_block(
-                grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, lse, lse_rest, delta, rows, start_n,
-                k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
-                head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
-                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
-                EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
-                BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
-            )
+    for start_n in range(0, whole_end, BLOCK_N):
+        grad_q, grad_q_lo = _backward_q_block(
+            grad_q, grad_q_lo, q, q_lo, grad_out, grad_out_lo, lse, lse_rest, delta, rows, start_n,
+            k_ptr, v_ptr, mask_ptr, grad_bias_ptr, k_strides, v_strides, mask_strides,
+            head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+            HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+            IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
+            EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
+            BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=not lean,
+        )
     if whole_end < key_end:  # the last, partial block
         lse_rest = tl.load(stats_ptr + stride_stats + rows, mask=rows < seqlen_q, other=0.0)
         if NARROW_TAIL:

@@ -148,42 +148,25 @@ def _attention_backward_fused_kernel(
         grad_k_lo = tl.zeros([BLOCK_N, BLOCK_D_LO], tl.float32)
         grad_v_lo = tl.zeros([BLOCK_N, BLOCK_D_LO], tl.float32)
     # The lean body (see tiles.py) for the whole row blocks, the masked one for the last, partial
-    # block and for every block under a mask, causal or exact fp32 dots; the calls differ in where
-    # they start and in MASKED only.
-    if MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS:
-        row_start = 0
-        whole_end = seqlen_q // BLOCK_M * BLOCK_M
-        for start_m in range(0, whole_end, BLOCK_M):
-            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
-                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m,
-                q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
-                q_strides, grad_out_strides, mask_strides, stride_stats,
-                head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
-                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT,
-                EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
-                BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False,
-                grad_q_ptr=grad_q_ptr, grad_bias_ptr=grad_bias_ptr, grad_q_strides=grad_q_strides, ADD_GRAD_Q=True,
-                BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
-            )
-    else:
-        row_start = 0
-        if IS_CAUSAL:
-            row_start = (col_block * BLOCK_N // BLOCK_M) * BLOCK_M  # rows above the block's first key see none of it
-        whole_end = seqlen_q // BLOCK_M * BLOCK_M
-        for start_m in range(row_start, whole_end, BLOCK_M):
-            grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
-                grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m,
-                q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
-                q_strides, grad_out_strides, mask_strides, stride_stats,
-                head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
-                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT,
-                EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
-                BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
-                grad_q_ptr=grad_q_ptr, grad_bias_ptr=grad_bias_ptr, grad_q_strides=grad_q_strides, ADD_GRAD_Q=True,
-                BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
-            )
+    # block and for every block under a mask, causal or exact fp32 dots.
+    lean: tl.constexpr = MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS
+    row_start = 0
+    if IS_CAUSAL:
+        row_start = (col_block * BLOCK_N // BLOCK_M) * BLOCK_M  # rows above the block's first key see none of it
+    whole_end = seqlen_q // BLOCK_M * BLOCK_M
+    for start_m in range(row_start, whole_end, BLOCK_M):
+        grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_block(
+            grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, start_m,
+            q_ptr, grad_out_ptr, stats_ptr, delta_ptr, mask_ptr,
+            q_strides, grad_out_strides, mask_strides, stride_stats,
+            head_seed, keep_scale, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+            HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+            IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT,
+            EXACT_FP32_DOTS=EXACT_FP32_DOTS, UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D,
+            BLOCK_D_LO=BLOCK_D_LO, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=not lean,
+            grad_q_ptr=grad_q_ptr, grad_bias_ptr=grad_bias_ptr, grad_q_strides=grad_q_strides, ADD_GRAD_Q=True,
+            BIAS_NEEDS_GRAD=BIAS_NEEDS_GRAD,
+        )
     if (whole_end < seqlen_q) & (row_start <= whole_end):  # the last, partial row block, narrowed
         grad_k, grad_v, grad_k_lo, grad_v_lo = _backward_kv_tail(
             grad_k, grad_v, grad_k_lo, grad_v_lo, k, v, k_lo, v_lo, cols, whole_end, seqlen_q,

@@ -201,35 +201,22 @@ def _attention_forward_kernel(
             CHECK_LENGTH=True, TRANSPOSED=False, D_START=BLOCK_D,
         )
         acc_lo = tl.zeros([BLOCK_M, BLOCK_D_LO], tl.float32)
-    # The lean body (see above); a negative scale (rare) takes the masked one: its largest logit is
-    # the smallest product, where the lean body scales the largest. The calls differ in where they
-    # start and in MASKED only.
-    if MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS and not NEGATIVE_SCALE:
-        key_end = seqlen_k
-        whole_end = seqlen_k // BLOCK_N * BLOCK_N
-        for start_n in range(0, whole_end, BLOCK_N):
-            acc, acc_lo, row_sum, row_max = _forward_block(
-                acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr,
-                k_strides, v_strides, mask_strides, head_seed, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
-                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
-                UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False,
-            )
-    else:
-        key_end = seqlen_k
-        if IS_CAUSAL:
-            key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)  # keys past the last row: all masked
-        whole_end = key_end // BLOCK_N * BLOCK_N
-        for start_n in range(0, whole_end, BLOCK_N):
-            acc, acc_lo, row_sum, row_max = _forward_block(
-                acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr,
-                k_strides, v_strides, mask_strides, head_seed, seqlen_q, seqlen_k, scale_log2e, dropout_p,
-                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
-                IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
-                UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
-            )
+    # The lean body (tiles.py) where it applies; a negative scale (rare) takes the masked one: its
+    # largest logit is the smallest product, where the lean body scales the largest.
+    lean: tl.constexpr = MASK_KIND == MASK_NONE_KIND and not IS_CAUSAL and not EXACT_FP32_DOTS and not NEGATIVE_SCALE
+    key_end = seqlen_k
+    if IS_CAUSAL:
+        key_end = tl.minimum(seqlen_k, (row_block + 1) * BLOCK_M)  # keys past the last row: all masked
+    whole_end = key_end // BLOCK_N * BLOCK_N
+    for start_n in range(0, whole_end, BLOCK_N):
+        acc, acc_lo, row_sum, row_max = _forward_block(
+            acc, acc_lo, row_sum, row_max, q, q_lo, rows, start_n, k_ptr, v_ptr, mask_ptr,
+            k_strides, v_strides, mask_strides, head_seed, seqlen_q, seqlen_k, scale_log2e, dropout_p,
+            HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=MASK_KIND,
+            IS_CAUSAL=IS_CAUSAL, HAS_DROPOUT=HAS_DROPOUT, EXACT_FP32_DOTS=EXACT_FP32_DOTS,
+            UPCAST_DOTS=UPCAST_DOTS, ROW_ALIGN=ROW_ALIGN, SPLIT_D=SPLIT_D, BLOCK_D_LO=BLOCK_D_LO,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=not lean,
+        )
     if whole_end < key_end:  # the last, partial block, narrowed
         acc, acc_lo, row_sum, row_max = _forward_tail(
             acc, acc_lo, row_sum, row_max, q, q_lo, rows, whole_end, key_end, k_ptr, v_ptr, mask_ptr,

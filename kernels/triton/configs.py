@@ -40,6 +40,18 @@ F16_SPLIT = "f16 split"  # fp16/bf16 without a mask, causal or dropout, at a spl
 # 16-40 bytes with a bias gradient at 72). One stage fewer is clean under every mask, causal and dropout
 # at the four shapes (tests/machine/test_sm100_sass.py); dQ's 64x32 with 1 stage still spills with dropout.
 F16_MASKED_SM100 = "f16 masked sm100"
+# TF32 (fp32 inputs, allow_tf32) under a mask, causal or dropout, on sm_90 and sm_100, in place of TF32 where a
+# row lists the launch's BLOCK_D: dQ's light tiles (64x32 and 128x32, 2 stages) spill there (ptxas 12.9 and
+# ptxas-blackwell 12.9): with a bias gradient at ViT-B/16 and SigLIP (sm_90 72-448 bytes, sm_100 284-1012),
+# and at SigLIP under a bias, a bool mask or causal too (sm_90 64x32 56-136, sm_100 128x32 168-428). 64x16
+# with 2 stages is clean under a bias with and without its gradient, a bool mask, causal and dropout at both
+# shapes on both (96-209 registers).
+TF32_MASKED = "tf32 masked"
+# And the forward's, on sm_100 only (in place of TF32_MASKED there where a row lists it): its 64x32 tile
+# (2 and 3 stages) spills 96-576 bytes under a bool mask with causal at ViT-B/16 and SigLIP; 64x16 with
+# 2 stages is clean under a bias, a bool mask with causal, and dropout with causal (118-174 registers).
+# sm_90's 64x32 is clean there.
+TF32_MASKED_SM100 = "tf32 masked sm100"
 _UP_TO_64, _UP_TO_128, _ALL = (16, 32, 64), (16, 32, 64, 128), (16, 32, 64, 128, 256)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, {dot kind: the BLOCK_D it is tried at})
 _FORWARD_TABLE = [
@@ -51,6 +63,7 @@ _FORWARD_TABLE = [
     (128, 64, 8, 3, {F16: _UP_TO_128, TF32: _UP_TO_64}),
     (128, 128, 8, 3, {F16: _UP_TO_64}),
     (64, 32, 4, 1, {F16_MASKED_SM100: _UP_TO_64}),
+    (64, 16, 4, 2, {TF32_MASKED_SM100: _UP_TO_64}),
 ]
 # dK/dV: BLOCK_N keys stay in registers while BLOCK_M query rows stream past.
 _BACKWARD_KV_TABLE = [
@@ -71,6 +84,7 @@ _BACKWARD_Q_TABLE = [
     (128, 64, 8, 2, {F16: _UP_TO_128, TF32: _UP_TO_64}),
     (128, 32, 8, 2, {F16: _ALL, TF32: _UP_TO_128}),
     (128, 32, 8, 1, {F16_MASKED_SM100: _UP_TO_64}),
+    (64, 16, 4, 2, {TF32_MASKED: _UP_TO_64}),
 ]
 
 
@@ -136,7 +150,8 @@ def _pruner(table, split_as_padded=False, sm100_spills_at_split=frozenset()):
     IS_CAUSAL, HAS_DROPOUT, EXACT_FP32_DOTS), cheap, and plain Python: Triton's autotuner calls it,
     and so does torch.compile's tracing of the custom ops. On sm_100 (``target_arch`` of q) the
     tiles of ``sm100_spills_at_split`` are left out at a split head dim, and masked fp16/bf16
-    launches take the table's F16_MASKED_SM100 rows where one lists their BLOCK_D. A config the
+    launches take the table's F16_MASKED_SM100 rows where one lists their BLOCK_D; on every arch,
+    masked TF32 launches its TF32_MASKED rows likewise (TF32_MASKED_SM100 first on sm_100). A config the
     table does not name (a test's own) is kept; if nothing is left, every config is.
     """
     tried_at = {(block_m, block_n, warps, stages): kinds for block_m, block_n, warps, stages, kinds in table}
@@ -151,12 +166,16 @@ def _pruner(table, split_as_padded=False, sm100_spills_at_split=frozenset()):
         masked = arguments["MASK_KIND"] != MASK_NONE or arguments["IS_CAUSAL"] or arguments["HAS_DROPOUT"]
         kinds_tried = (kind, F16_MASKED) if masked and kind == F16 else (kind,)
         block_d = max(arguments["BLOCK_D"], arguments["BLOCK_DV"])
-        sm100_masked = (
-            masked and kind == F16 and is_sm100(target_arch(arguments["q_ptr"]))
-            and any(block_d in kinds.get(F16_MASKED_SM100, ()) for kinds in tried_at.values())
+        # Masked launches whose light tiles spill take rows of their own, the first of these kinds a row
+        # lists the BLOCK_D at.
+        sm100 = is_sm100(target_arch(arguments["q_ptr"]))
+        own_kinds = {F16: (F16_MASKED_SM100,) if sm100 else (), TF32: (TF32_MASKED_SM100,) * sm100 + (TF32_MASKED,)}
+        own_kind = next(
+            (k for k in own_kinds.get(kind, ()) if any(block_d in kinds.get(k, ()) for kinds in tried_at.values())), None
         )
-        if sm100_masked:
-            kinds_tried = (F16_MASKED_SM100,)
+        own_rows = masked and own_kind is not None
+        if own_rows:
+            kinds_tried = (own_kind,)
         if split_as_padded and arguments.get("SPLIT_D"):
             pieces = (block_d, arguments["BLOCK_D_LO"])
             if kind == F16 and not masked and pieces in split_rows:
@@ -174,7 +193,7 @@ def _pruner(table, split_as_padded=False, sm100_spills_at_split=frozenset()):
                 c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                 not in sm100_spills_at_split
             ] or kept
-        if masked and not sm100_masked:
+        if masked and not own_rows:
             light = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 16 * 32 * c.num_warps]
             kept = light or kept
         return kept

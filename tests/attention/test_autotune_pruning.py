@@ -85,3 +85,23 @@ def test_sm_100_leaves_out_what_spills_there(monkeypatch):
     assert _fused_backward_fits(80, (64, 16), torch.bfloat16, False, False, arch=90)
     assert not _fused_backward_fits(80, (64, 16), torch.bfloat16, False, False, arch=100)
     assert _fused_backward_fits(64, None, torch.bfloat16, False, False, arch=100)
+
+
+@pytest.mark.parametrize("arch", [90, 100])
+@pytest.mark.parametrize("masked", [{"mask": configs.MASK_BIAS}, {"mask": configs.MASK_BOOL, "causal": True}, {"dropout": True}])
+def test_masked_tf32_dq_and_sm_100_forward_try_their_own_tile(monkeypatch, arch, masked):
+    """TF32 dQ under a mask, causal or dropout at BLOCK_D <= 64 (the split 64 + 16 included) tries 64x16
+    with 2 stages only, on sm_90 and sm_100 alike (the light tiles spill there: configs.TF32_MASKED);
+    lean TF32, fp16/bf16 and BLOCK_D 128 keep their tiles."""
+    monkeypatch.setattr(configs, "AHEAD_OF_TIME_ARCH", arch)
+    dq = configs._pruner(configs._BACKWARD_Q_TABLE, sm100_spills_at_split=configs.SM100_SPILLS_AT_SPLIT["dq"])
+    for shape in ({"block_d": 64}, {"split": (64, 16)}, {"block_d": 32}):
+        tf32 = launch(torch.float32, **shape, **masked)
+        for bias_needs_grad in (False, True):
+            assert tiles(dq(configs.BACKWARD_Q_CONFIGS, {**tf32, "BIAS_NEEDS_GRAD": bias_needs_grad})) == {(64, 16, 4, 2)}
+    assert (64, 16, 4, 2) not in tiles(dq(configs.BACKWARD_Q_CONFIGS, launch(torch.float32)))
+    assert (64, 16, 4, 2) not in tiles(dq(configs.BACKWARD_Q_CONFIGS, launch(torch.float32, block_d=128, **masked)))
+    assert (64, 16, 4, 2) not in tiles(dq(configs.BACKWARD_Q_CONFIGS, launch(**masked)))
+    # The forward: its own tile on sm_100 only (configs.TF32_MASKED_SM100), the light 64x32 on sm_90.
+    forward_tf32 = tiles(forward(configs.FORWARD_CONFIGS, launch(torch.float32, **masked)))
+    assert forward_tf32 == ({(64, 16, 4, 2)} if arch == 100 else {(64, 32, 4, 3)})

@@ -13,7 +13,7 @@ Hypothesis profiles, chosen by the environment variable ``VITRITON_HYPOTHESIS``:
   ``@settings(max_examples=...)`` wins over the profile's, so to draw more of those, run again.
 
 Markers, registered below (``pytest tests -m "not slow"`` is the fast subset: about 3 minutes on a
-2-core CPU, against about 14 for the whole suite, and it still calls every public function):
+2-core CPU, against about 18 for the whole suite, and it still calls every public function):
 ``slow`` (over ~3 s on a 2-core CPU; where a parametrized test's cases add up to over ~5 s, its
 costly cases, the fast subset keeping the cheap ones; and every compile for sm_90),
 ``interpreter`` (runs the real Triton kernels: in the interpreter on a CPU, compiled on a GPU),

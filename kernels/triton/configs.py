@@ -168,8 +168,10 @@ def _pruner(table, split_as_padded=False, sm100_spills_at_split=frozenset()):
         block_d = max(arguments["BLOCK_D"], arguments["BLOCK_DV"])
         # Masked launches whose light tiles spill take rows of their own, the first of these kinds a row
         # lists the BLOCK_D at.
-        sm100 = is_sm100(target_arch(arguments["q_ptr"]))
-        own_kinds = {F16: (F16_MASKED_SM100,) if sm100 else (), TF32: (TF32_MASKED_SM100,) * sm100 + (TF32_MASKED,)}
+        if is_sm100(target_arch(arguments["q_ptr"])):
+            own_kinds = {F16: (F16_MASKED_SM100,), TF32: (TF32_MASKED_SM100, TF32_MASKED)}
+        else:
+            own_kinds = {TF32: (TF32_MASKED,)}
         own_kind = next(
             (k for k in own_kinds.get(kind, ()) if any(block_d in kinds.get(k, ()) for kinds in tried_at.values())), None
         )
